@@ -1,0 +1,69 @@
+"""weightcond: weight conditioning for parameter-efficient fine-tuning.
+
+A pretrained weight ``W`` (``out × in``) is adapted by a low-rank update and by conditioning
+matrices placed around it:
+
+    W' = L_post · (L_pre · W · R_pre + ΔW) · R_post
+
+The two axes of the design space are the transform (:data:`TRANSFORMS`, one file each in
+``weightcond/transforms``) and the placement (``pre``/``post`` × ``left``/``right``,
+:mod:`weightcond.placement`). LoRA, DoRA, Pre-Diag and SORA are named presets
+(:data:`PRESETS`).
+"""
+
+from .errors import (
+    LayerTypeError,
+    OptionError,
+    ShapeError,
+    StateError,
+    UnknownNameError,
+    WeightcondError,
+)
+from .layer import (
+    conditioners,
+    delta_weight,
+    dense_forward,
+    get_update,
+    is_conditioned,
+    merge,
+    register_conditioning,
+    register_update,
+    remove_conditioning,
+)
+from .placement import Conditioner, Conditioning
+from .presets import PRESETS, Applied, ConditionerSpec, Option, Preset, apply_preset
+from .transforms import TRANSFORMS, Transform, register_transform
+from .update import LowRankUpdate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "TRANSFORMS",
+    "Applied",
+    "Conditioner",
+    "ConditionerSpec",
+    "Conditioning",
+    "LayerTypeError",
+    "LowRankUpdate",
+    "Option",
+    "OptionError",
+    "Preset",
+    "ShapeError",
+    "StateError",
+    "Transform",
+    "UnknownNameError",
+    "WeightcondError",
+    "__version__",
+    "apply_preset",
+    "conditioners",
+    "delta_weight",
+    "dense_forward",
+    "get_update",
+    "is_conditioned",
+    "merge",
+    "register_conditioning",
+    "register_transform",
+    "register_update",
+    "remove_conditioning",
+]

@@ -1,0 +1,320 @@
+r"""The "where" axis: pre/post × left/right, and the two forms of the conditioned layer.
+
+The conditioned weight (DESIGN §2) is
+
+.. math::
+
+    W' = L_\text{post}\,\bigl(L_\text{pre}\, W\, R_\text{pre} + \Delta W\bigr)\,R_\text{post},
+
+where each of the four factors is a product of conditioners. **Composition order**: the
+pre conditioners act on :math:`W` in registration order, then :math:`\Delta W` is added,
+then the post conditioners act in registration order. Each conditioner acts on the matrix
+built so far: a left one multiplies it on the left (so later left conditioners are further
+out), a right one multiplies it on the right (later ones further right, i.e. nearer the
+input). A norm-tied conditioner (``magnitude``) reads the norms of the matrix built so far.
+
+:class:`Conditioning` holds the update and the ordered conditioners of one layer and
+computes both forms from that one ordered list:
+
+* :meth:`Conditioning.dense_weight` — the canonical ``(out, in)`` matrix :math:`W'` (this is
+  the ``torch.nn.utils.parametrize`` parametrization of ``layer.weight``);
+* :meth:`Conditioning.activation` — the matrix-free forward
+
+  .. math::
+
+      y = L_\text{post}\bigl(L_\text{pre}\bigl(W (R_\text{pre} R_\text{post} x)\bigr)
+          + s\,B A\,(R_\text{post} x)\bigr) + b',
+
+  which never forms an ``(out, in)`` matrix for diagonal, low-rank and structured
+  conditioners. :math:`b'` is the bias conditioned by the left conditioners registered with
+  ``condition_bias=True`` (in composition order); otherwise :math:`b' = b`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transforms.base import Transform, compute_dtype
+from .update import LowRankUpdate
+
+__all__ = ["Conditioner", "Conditioning", "Side", "Stage"]
+
+
+class Stage(str, Enum):
+    """Where a conditioner acts relative to the update: before (``pre``) or after (``post``)."""
+
+    PRE = "pre"
+    POST = "post"
+
+
+class Side(str, Enum):
+    """Which side of the weight: ``left`` (output, ``out × out``) or ``right`` (input)."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+class Conditioner(nn.Module):
+    """A :class:`~weightcond.transforms.Transform` placed at one site of a layer.
+
+    Returned by :func:`weightcond.register_conditioning`. The transform's parameters are
+    under ``conditioner.transform``.
+    """
+
+    def __init__(self, transform: Transform, placement: Stage, side: Side,
+                 condition_bias: bool) -> None:
+        super().__init__()
+        self.transform = transform
+        self._placement = placement
+        self._side = side
+        self.condition_bias = condition_bias
+
+    @property
+    def placement(self) -> str:
+        """``"pre"`` or ``"post"``."""
+        return self._placement.value
+
+    @property
+    def side(self) -> str:
+        """``"left"`` or ``"right"``."""
+        return self._side.value
+
+    @property
+    def is_left(self) -> bool:
+        return self._side is Side.LEFT
+
+    def on_activations(self, h: Tensor, diag: Tensor | None) -> Tensor:
+        """Apply the conditioning matrix to the vectors along the last dimension of ``h``."""
+        if diag is not None:
+            return h * diag.to(h.dtype)
+        return self.transform.apply(h)
+
+    def on_matrix(self, g: Tensor, diag: Tensor | None) -> Tensor:
+        """Multiply the matrix ``g`` by the conditioning matrix on this conditioner's side."""
+        if diag is not None:
+            diag = diag.to(g.dtype)
+            return diag[:, None] * g if self.is_left else g * diag
+        if self.is_left:
+            return self.transform.apply(g.mT).mT  # Q G: Q applied to the columns of G
+        return self.transform.apply(g, transpose=True)  # G Q: Qᵀ applied to the rows
+
+    def extra_repr(self) -> str:
+        return (f"placement={self.placement!r}, side={self.side!r}, "
+                f"condition_bias={self.condition_bias}")
+
+
+def _norms(g: Tensor, left: bool) -> Tensor:
+    """Norms of the rows (left) or columns (right) of ``g``, in the solve dtype."""
+    return torch.linalg.vector_norm(g, dim=-1 if left else -2, dtype=compute_dtype(g.dtype))
+
+
+def _detached(conditioner: Conditioner) -> contextlib.AbstractContextManager[None]:
+    return torch.no_grad() if conditioner.transform.detach_norm else contextlib.nullcontext()
+
+
+class Conditioning(nn.Module):
+    """The update and the ordered conditioners of one layer; the parametrization of its weight.
+
+    Created by :func:`weightcond.register_update` / :func:`weightcond.register_conditioning`.
+    ``forward(weight)`` returns the dense conditioned weight, as
+    ``torch.nn.utils.parametrize`` requires.
+    """
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+        self.update: LowRankUpdate | None = None
+        self.pre = nn.ModuleList()
+        self.post = nn.ModuleList()
+        self.dense = False  # set by weightcond.dense_forward
+        self._weight_sq: tuple[tuple[object, ...], Tensor] | None = None
+
+    # -- the ordered list -------------------------------------------------------------------
+    def conditioners(self) -> list[Conditioner]:
+        """The conditioners in composition order: the pre stage, then the post stage."""
+        return [*self.pre, *self.post]  # type: ignore[list-item]
+
+    def stage(self, placement: Stage) -> nn.ModuleList:
+        return self.pre if placement is Stage.PRE else self.post
+
+    def stage_end(self, placement: Stage) -> int:
+        """The number of composition steps (conditioners, update) up to the end of a stage."""
+        if placement is Stage.PRE:
+            return len(self.pre)
+        return len(self.pre) + 1 + len(self.post)
+
+    # -- the dense, canonical form -------------------------------------------------------------
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.dense_weight(weight)
+
+    def dense_weight(self, weight: Tensor, *, steps: int | None = None) -> Tensor:
+        """:math:`W'` as a dense ``(out, in)`` matrix (after the first ``steps`` steps)."""
+        return self._compose_dense(weight, steps)[0]
+
+    def _compose_dense(self, weight: Tensor, steps: int | None = None
+                       ) -> tuple[Tensor, list[Tensor | None]]:
+        """The dense matrix after ``steps`` composition steps (all by default), and the
+        diagonals the norm-tied conditioners took on the way."""
+        g = weight
+        diags: list[Tensor | None] = []
+        order: list[Conditioner | None] = [*self.pre, None, *self.post]  # type: ignore[list-item]
+        for step, conditioner in enumerate(order):
+            if steps is not None and step >= steps:
+                break
+            if conditioner is None:
+                if self.update is not None:
+                    g = g + self.update.matrix().to(g.dtype)
+                continue
+            diag = None
+            if conditioner.transform.norm_tied:
+                with _detached(conditioner):
+                    norms = _norms(g, conditioner.is_left)
+                diag = conditioner.transform.diagonal(norms)
+            diags.append(diag)
+            g = conditioner.on_matrix(g, diag)
+        return g, diags
+
+    def initial_norms(self, weight: Tensor, placement: Stage, side: Side) -> Tensor:
+        """Norms of the matrix a conditioner appended to ``placement`` would condition."""
+        with torch.no_grad():
+            g = self.dense_weight(weight, steps=self.stage_end(placement))
+            return _norms(g, side is Side.LEFT)
+
+    # -- the matrix-free form ---------------------------------------------------------------------
+    def activation(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's output for input ``x`` without forming the conditioned weight."""
+        conditioners = self.conditioners()
+        diags = self._diagonals(weight, conditioners)
+        items = list(zip(conditioners, diags))
+        pre, post = items[:len(self.pre)], items[len(self.pre):]
+        h = x
+        for c, d in reversed(post):
+            if not c.is_left:
+                h = c.on_activations(h, d)
+        u = self.update(h) if self.update is not None else None
+        for c, d in reversed(pre):
+            if not c.is_left:
+                h = c.on_activations(h, d)
+        if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
+            y = F.linear(h, weight, bias)
+            return y if u is None else y + u
+        y = F.linear(h, weight)
+        for c, d in pre:
+            if c.is_left:
+                y = c.on_activations(y, d)
+        if u is not None:
+            y = y + u
+        for c, d in post:
+            if c.is_left:
+                y = c.on_activations(y, d)
+        bias = self._condition_bias(bias, items)
+        return y if bias is None else y + bias
+
+    def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
+        """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""
+        conditioners = self.conditioners()
+        if any(c.condition_bias and c.transform.norm_tied for c in conditioners):
+            diags = self._compose_dense(weight)[1]
+        else:
+            diags = [None] * len(conditioners)
+        return self._condition_bias(bias, list(zip(conditioners, diags)))
+
+    @staticmethod
+    def _condition_bias(bias: Tensor | None,
+                        items: list[tuple[Conditioner, Tensor | None]]) -> Tensor | None:
+        if bias is None:
+            return None
+        for c, d in items:
+            if c.condition_bias:
+                bias = c.on_activations(bias, d)
+        return bias
+
+    # -- norms of norm-tied conditioners, matrix-free where possible -------------------------------
+    def _diagonals(self, weight: Tensor, conditioners: list[Conditioner]) -> list[Tensor | None]:
+        """The diagonal of each norm-tied conditioner (``None`` for the others).
+
+        Fast path (DESIGN §5): a left norm-tied conditioner whose matrix so far is
+        ``diag(l) · X · R`` with ``R`` orthogonal has row norms ``|l| ⊙ ‖X‖_row``, and
+        ``X = diag(p) W R_pre + s B A`` has
+        ``‖X_i‖² = p_i² ‖W_i‖² + 2 s p_i [(W R_pre Aᵀ) ⊙ B]_i 1 + s² [(B A Aᵀ) ⊙ B]_i 1``,
+        where ``‖W_i‖²`` is cached (``W`` is frozen). Anything else uses the dense matrix.
+        """
+        if not any(c.transform.norm_tied for c in conditioners):
+            return [None] * len(conditioners)
+        diags: list[Tensor | None] = []
+        scale: Tensor | None = None  # product of left diagonals over the current base
+        fast = True  # left factors so far diagonal, right factors so far orthogonal
+        pre_scale: Tensor | None = None
+        pre_right: list[Conditioner] = []
+        pre_fast = True
+        for i, c in enumerate(conditioners):
+            in_post = i >= len(self.pre)
+            if i == len(self.pre):
+                pre_scale, pre_fast, scale, fast = scale, fast, None, True
+            diag = None
+            if c.transform.norm_tied:
+                with _detached(c):
+                    if c.is_left and fast and (pre_fast or not in_post):
+                        sq = (self._update_row_sq(weight, pre_scale, pre_right) if in_post
+                              else self._scaled_weight_sq(weight, scale))
+                        if in_post and scale is not None:
+                            sq = sq * scale.to(sq.dtype) ** 2
+                        norms = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+                    else:
+                        step = i + (1 if in_post else 0)
+                        norms = _norms(self.dense_weight(weight, steps=step), c.is_left)
+                diag = c.transform.diagonal(norms)
+            diags.append(diag)
+            if c.is_left:
+                if c.transform.is_diagonal:
+                    d = diag if diag is not None else c.transform.diagonal()
+                    scale = d if scale is None else scale * d
+                else:
+                    fast = False
+            elif c.transform.is_orthogonal:
+                if not in_post:
+                    pre_right.append(c)
+            else:
+                fast = False
+        return diags
+
+    def _scaled_weight_sq(self, weight: Tensor, scale: Tensor | None) -> Tensor:
+        sq = self._cached_weight_sq(weight)
+        return sq if scale is None else sq * scale.to(sq.dtype) ** 2
+
+    def _update_row_sq(self, weight: Tensor, pre_scale: Tensor | None,
+                       pre_right: list[Conditioner]) -> Tensor:
+        """``‖X_i‖²`` for ``X = diag(p) W R_pre + s B A`` without forming ``X``."""
+        sq = self._scaled_weight_sq(weight, pre_scale)
+        if self.update is None:
+            return sq
+        upd = self.update
+        a = upd.A
+        for c in reversed(pre_right):  # rows of A R_preᵀ, i.e. the columns of R_pre Aᵀ
+            a = c.transform.apply(a)
+        dtype = sq.dtype
+        wa = F.linear(a.to(weight.dtype), weight).to(dtype)  # (r, out) = (W R_pre Aᵀ)ᵀ
+        b = upd.B.to(dtype)
+        cross = (wa.mT * b).sum(-1)
+        if pre_scale is not None:
+            cross = cross * pre_scale.to(dtype)
+        a32 = upd.A.to(dtype)
+        quad = ((b @ (a32 @ a32.mT)) * b).sum(-1)
+        s = upd.scaling
+        return sq + 2 * s * cross + s * s * quad
+
+    def _cached_weight_sq(self, weight: Tensor) -> Tensor:
+        """``‖W_i‖²``, cached while the frozen weight is unchanged (same storage and version)."""
+        if weight.requires_grad:
+            return _norms(weight, True) ** 2
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            with torch.no_grad():
+                self._weight_sq = (key, _norms(weight, True) ** 2)
+        return self._weight_sq[1]

@@ -1,0 +1,59 @@
+"""A small named registry, used for transforms and presets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Generic, TypeVar
+
+from .errors import OptionError, UnknownNameError
+
+T = TypeVar("T")
+
+__all__ = ["Registry"]
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """A read-only mapping from names to entries, filled with :meth:`register`.
+
+    Looking up a missing name raises :class:`~weightcond.errors.UnknownNameError` listing the
+    registered names.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Register the decorated entry under ``name`` (a decorator)."""
+
+        def decorate(entry: T) -> T:
+            self.add(name, entry)
+            return entry
+
+        return decorate
+
+    def add(self, name: str, entry: T) -> None:
+        """Register ``entry`` under ``name``; a name can be registered once."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise OptionError(f"{self._kind} registry: argument 'name' expected an identifier, "
+                              f"got {name!r}")
+        if name in self._entries:
+            raise OptionError(f"{self._kind} registry: name {name!r} is already registered")
+        self._entries[name] = entry
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            valid = ", ".join(repr(n) for n in self._entries)
+            raise UnknownNameError(
+                f"unknown {self._kind} {name!r}; expected one of {valid}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self._kind}: {', '.join(self._entries)})"

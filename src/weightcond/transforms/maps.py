@@ -1,0 +1,93 @@
+r"""Maps from skew-symmetric generators to (near-)orthogonal matrices, dense and low-rank.
+
+One convention everywhere:
+
+.. math::
+
+    \operatorname{cayley}(S) = (I - S/2)^{-1}(I + S/2), \qquad
+    \operatorname{exp}(S) = \sum_m S^m/m!, \qquad
+    \operatorname{first\_order}(S) = I + S,
+
+which agree to first order in :math:`S`. Cayley and exp are exactly orthogonal for skew
+:math:`S`; the first-order map is not (:math:`\|(I+S)h\|^2 = \|h\|^2 + \|Sh\|^2`).
+
+**Low-rank form.** For :math:`S = P K P^\top` with :math:`P \in \mathbb{R}^{n\times 2k}` and
+:math:`K` skew ``(2k, 2k)``, every map above is :math:`I + P M P^\top` with a ``(2k, 2k)``
+core :math:`M` computed by :func:`lowrank_core` from :math:`K` and :math:`G = P^\top P`:
+
+* Cayley (push-through / Woodbury): :math:`M = K (I - G K / 2)^{-1}`. :math:`GK` has purely
+  imaginary eigenvalues (it is similar to a skew matrix), so the solve is always defined.
+* exp: :math:`M = \varphi(KG)\,K` with :math:`\varphi(z) = (e^z - 1)/z`, read off
+  ``matrix_exp([[X, I], [0, 0]])`` whose top-right block is :math:`\varphi(X)`.
+* first order: :math:`M = K`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import OptionError
+
+__all__ = ["DENSE_MAPS", "EXACT_MAPS", "MAP_NAMES", "cayley", "first_order", "lowrank_core",
+           "matrix_exp", "resolve_dense_map"]
+
+
+def _eye_like(s: Tensor) -> Tensor:
+    return torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+
+
+def cayley(s: Tensor) -> Tensor:
+    """Dense Cayley map :math:`(I - S/2)^{-1}(I + S/2)` (batched over leading dims)."""
+    eye = _eye_like(s)
+    return torch.linalg.solve(eye - s / 2, eye + s / 2)
+
+
+def matrix_exp(s: Tensor) -> Tensor:
+    """Dense matrix exponential (batched over leading dims)."""
+    return torch.linalg.matrix_exp(s)
+
+
+def first_order(s: Tensor) -> Tensor:
+    """First-order map :math:`I + S` (not orthogonal)."""
+    return _eye_like(s) + s
+
+
+DENSE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "cayley": cayley, "exp": matrix_exp, "first_order": first_order}
+EXACT_MAPS: frozenset[str] = frozenset({"cayley", "exp"})
+MAP_NAMES: tuple[str, ...] = tuple(DENSE_MAPS)
+
+
+def resolve_dense_map(where: str, map: str | Callable[[Tensor], Tensor]
+                      ) -> Callable[[Tensor], Tensor]:
+    """A dense map by name (``"cayley"``, ``"exp"``, ``"first_order"``) or any callable."""
+    if callable(map):
+        return map
+    if isinstance(map, str) and map in DENSE_MAPS:
+        return DENSE_MAPS[map]
+    valid = ", ".join(repr(n) for n in DENSE_MAPS)
+    raise OptionError(f"{where}: argument 'map' expected one of {valid} or a callable, "
+                      f"got {map!r}")
+
+
+def _phi(x: Tensor) -> Tensor:
+    """:math:`\\varphi(X) = \\sum_{m\\ge 1} X^{m-1}/m!` via one matrix exponential."""
+    n = x.shape[-1]
+    block = torch.zeros(2 * n, 2 * n, dtype=x.dtype, device=x.device)
+    block[:n, :n] = x
+    block[:n, n:] = torch.eye(n, dtype=x.dtype, device=x.device)
+    return torch.linalg.matrix_exp(block)[:n, n:]
+
+
+def lowrank_core(k: Tensor, g: Tensor, map: str) -> Tensor:
+    """The core :math:`M` with ``map(P K Pᵀ) = I + P M Pᵀ``, given ``K`` and ``G = PᵀP``."""
+    if map == "first_order":
+        return k
+    if map == "exp":
+        return _phi(k @ g) @ k
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    # M (I - G K/2) = K  <=>  (I - G K/2)ᵀ Mᵀ = Kᵀ
+    return torch.linalg.solve((eye - g @ k / 2).mT, k.mT).mT

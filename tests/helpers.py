@@ -1,0 +1,47 @@
+"""Shared test helpers: the registry-driven grid of cells, random parameters, tolerances."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+import weightcond as wc
+
+TRANSFORM_NAMES = list(wc.TRANSFORMS)
+PRESET_NAMES = list(wc.PRESETS)
+PLACEMENTS = ["pre", "post"]
+SIDES = ["left", "right"]
+CELLS = list(itertools.product(TRANSFORM_NAMES, PLACEMENTS, SIDES))
+
+
+def cell_id(cell: tuple[str, str, str]) -> str:
+    return "-".join(cell)
+
+
+def orthogonality_bound(n: int, dtype: torch.dtype) -> float:
+    """``10 · n · eps(dtype)``, PyTorch's bound for orthogonal parametrizations."""
+    return 10 * n * torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
+    """Move every trainable parameter of ``module`` to a random non-trivial point."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(module.named_parameters()):
+        if p.requires_grad:
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.add_((scale * noise).to(p.dtype))
+
+
+def make_layer(out_features: int = 12, in_features: int = 10, *, bias: bool = True,
+               dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    layer.requires_grad_(False)
+    return layer
+
+
+def trainable(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
