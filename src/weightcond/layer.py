@@ -207,7 +207,7 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
     elif isinstance(transform, type) and issubclass(transform, Transform):
         cls = transform
     else:
-        raise LayerTypeError(f"{where}: argument 'transform' expected a registered name "
+        raise OptionError(f"{where}: argument 'transform' expected a registered name "
                              f"({', '.join(map(repr, TRANSFORMS))}), a Transform subclass or "
                              f"a Transform instance, got {type(transform).__name__}")
     valid = _option_names(cls)
