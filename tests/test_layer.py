@@ -244,3 +244,38 @@ def test_merging_a_deepcopy_leaves_the_original_conditioned() -> None:
     torch.testing.assert_close(layer.weight, wc.delta_weight(layer) +
                                layer.parametrizations.weight.original)
     torch.testing.assert_close(clone(x), expected)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+def test_gradcheck_through_the_layer(cell) -> None:
+    layer = condition(make_layer(5, 4), [cell], condition_bias=True)
+    for c in wc.conditioners(layer):
+        c.transform.detach_norm = False  # a detached norm's gradient is not the true one
+    randomize(layer)
+    names = [n for n, _ in trainable(layer)]
+    values = [p.detach().clone().requires_grad_() for _, p in trainable(layer)]
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *values):
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *values))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+def test_bfloat16_cells_are_finite_and_close_to_dense(cell) -> None:
+    layer = make_layer(16, 12, dtype=torch.bfloat16)
+    x = torch.randn(5, 12, dtype=torch.bfloat16)
+    before = layer(x)
+    condition(layer, [cell], condition_bias=True)
+    tol = 8 * torch.finfo(torch.bfloat16).eps * before.abs().max().item()
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=tol)
+    randomize(layer, scale=0.1)
+    y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer))
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+    tol = 30 * torch.finfo(torch.bfloat16).eps * y_dense.abs().max().item()
+    torch.testing.assert_close(y, y_dense, rtol=0, atol=tol)
