@@ -293,7 +293,7 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
         >>> rot = wc.register_conditioning(layer, placement="post", side="left",
         ...                                transform="skew", rank=2, map="cayley")
         >>> x = torch.randn(3, 16)
-        >>> torch.allclose(layer(x), x @ layer.weight.T + layer.bias)
+        >>> torch.allclose(layer(x), x @ layer.weight.T + layer.bias, atol=1e-6)
         True
     """
     conditioner = _build_conditioner(layer, "register_conditioning", placement=placement,

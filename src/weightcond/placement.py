@@ -33,6 +33,7 @@ computes both forms from that one ordered list:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -117,6 +118,91 @@ def _detached(conditioner: Conditioner) -> contextlib.AbstractContextManager[Non
     return torch.no_grad() if conditioner.transform.detach_norm else contextlib.nullcontext()
 
 
+# -- the output side of the activation form as a short list of steps ---------------------------
+# Note (fused output steps): on CPU the cost of the fast path beyond LoRA is mostly the
+# (tokens × out) temporaries, so the output side is run as a list of steps in which a
+# diagonal is kept pending until the next step that needs it, and additions are fused:
+# diag then add -> addcmul, low-rank add -> addmm, low-rank add then bias -> one addmm.
+
+
+@dataclass(frozen=True)
+class _Scale:
+    diag: Tensor
+
+
+@dataclass(frozen=True)
+class _Apply:
+    conditioner: Conditioner
+
+
+@dataclass(frozen=True)
+class _LowRank:
+    factor: Tensor  # (..., rank): adds factor @ Bᵀ
+    B: Tensor
+
+
+@dataclass(frozen=True)
+class _Add:
+    vector: Tensor
+
+
+_Step = _Scale | _Apply | _LowRank | _Add
+
+
+def _left_steps(items: list[tuple[Conditioner, Tensor | None]]) -> list[_Step]:
+    steps: list[_Step] = []
+    for c, d in items:
+        if not c.is_left:
+            continue
+        if d is None and c.transform.is_diagonal:
+            d = c.transform.diagonal()
+        steps.append(_Apply(c) if d is None else _Scale(d))
+    return steps
+
+
+def _run(y: Tensor, steps: list[_Step]) -> Tensor:
+    """Run the output-side ``steps`` on ``y`` (``(..., out)``), fusing where possible."""
+    shape = y.shape
+    y = y.reshape(-1, shape[-1])
+    pending: Tensor | None = None
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        if isinstance(step, _Scale):
+            d = step.diag.to(y.dtype)
+            pending = d if pending is None else pending * d
+            i += 1
+            continue
+        if isinstance(step, _Apply):
+            if pending is not None:
+                y, pending = y * pending, None
+            y = step.conditioner.transform.apply(y)
+            i += 1
+            continue
+        j = i  # a run of additions
+        while j < len(steps) and isinstance(steps[j], (_LowRank, _Add)):
+            j += 1
+        run = steps[i:j]
+        vectors = [a.vector.to(y.dtype) for a in run if isinstance(a, _Add)]
+        vector = sum(vectors[1:], vectors[0]) if vectors else None
+        lowranks = [(a.factor.reshape(-1, a.factor.shape[-1]), a.B.mT)
+                    for a in run if isinstance(a, _LowRank)]
+        if pending is None:
+            for t, b in lowranks:
+                y = torch.addmm(y, t, b)
+            if vector is not None:
+                y = y + vector
+        else:
+            addend = vector
+            for t, b in lowranks:
+                addend = t @ b if addend is None else torch.addmm(addend, t, b)
+            y, pending = torch.addcmul(addend, y, pending), None
+        i = j
+    if pending is not None:
+        y = y * pending
+    return y.view(shape)
+
+
 class Conditioning(nn.Module):
     """The update and the ordered conditioners of one layer; the parametrization of its weight.
 
@@ -197,24 +283,19 @@ class Conditioning(nn.Module):
         for c, d in reversed(post):
             if not c.is_left:
                 h = c.on_activations(h, d)
-        u = self.update(h) if self.update is not None else None
+        update: list[_Step] = []
+        if self.update is not None:
+            update = [_LowRank(self.update.factor(h), self.update.B)]
         for c, d in reversed(pre):
             if not c.is_left:
                 h = c.on_activations(h, d)
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            y = F.linear(h, weight, bias)
-            return y if u is None else y + u
-        y = F.linear(h, weight)
-        for c, d in pre:
-            if c.is_left:
-                y = c.on_activations(y, d)
-        if u is not None:
-            y = y + u
-        for c, d in post:
-            if c.is_left:
-                y = c.on_activations(y, d)
+            return _run(F.linear(h, weight, bias), update)
+        steps = [*_left_steps(pre), *update, *_left_steps(post)]
         bias = self._condition_bias(bias, items)
-        return y if bias is None else y + bias
+        if bias is not None:
+            steps.append(_Add(bias))
+        return _run(F.linear(h, weight), steps)
 
     def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
         """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""

@@ -54,10 +54,15 @@ class LowRankUpdate(nn.Module):
         """The dense update :math:`s\\,BA`, shape ``(out, in)``."""
         return (self.B * self.scaling) @ self.A
 
+    def factor(self, x: Tensor) -> Tensor:
+        """:math:`s\\,A x` along the last dimension of ``x`` (``(..., rank)``), so that the
+        update's output is ``F.linear(factor, B)``; the scale sits on the rank-sized tensor,
+        the cheapest place for it."""
+        return F.linear(x, self.A) * self.scaling
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply :math:`s\\,BA` to the last dimension of ``x`` without forming ``(out, in)``."""
-        # scale the rank-sized intermediate, the cheapest place for it
-        return F.linear(F.linear(x, self.A) * self.scaling, self.B)
+        return F.linear(self.factor(x), self.B)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}"

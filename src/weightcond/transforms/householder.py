@@ -60,9 +60,10 @@ class Householder(Transform):
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         v, t = self.wy()
-        # rows: h Qᵀ = h - (h V) Tᵀ Vᵀ ;  h Q = h - (h V) T Vᵀ
-        right = ((t if transpose else t.mT) @ v.mT).to(h.dtype)
-        return h - (h @ v.to(h.dtype)) @ right
+        # rows: h Qᵀ = h - (h V)(V T)ᵀ ;  h Q = h - (h V)(V Tᵀ)ᵀ — one fused addmm
+        vt = (v @ (t.mT if transpose else t)).to(h.dtype)
+        h2 = h.reshape(-1, self.dim)
+        return torch.addmm(h2, h2 @ v.to(h.dtype), vt.mT, alpha=-1).view(h.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, reflections={self.reflections}"
