@@ -28,6 +28,25 @@ def same(layer: torch.nn.Module, before) -> bool:
             and list(layer.modules()) == modules)
 
 
+class Truncating(wc.Transform):
+    """A broken user transform: drops the last coordinate."""
+
+    def apply(self, h, *, transpose=False):
+        return h[..., :-1]
+
+
+class FailingInit(wc.Transform):
+    """A user norm-tied transform whose initialisation raises."""
+
+    norm_tied = True
+
+    def diagonal(self, norms=None):
+        return norms
+
+    def initialize(self, norms):
+        raise RuntimeError("boom")
+
+
 CATALOGUE = [
     # (id, call on a layer (out=12, in=10), error type, message regex)
     ("layer-type", lambda layer: wc.register_update(torch.nn.Conv1d(3, 3, 1), rank=1),
@@ -49,16 +68,17 @@ CATALOGUE = [
     ("side", lambda layer: REG(layer, side="top", transform="diag"), wc.UnknownNameError,
      r"register_conditioning: argument 'side' expected one of 'left', 'right', got 'top'"),
     ("transform-name", lambda layer: REG(layer, transform="rotation"), wc.UnknownNameError,
-     r"unknown transform 'rotation'; expected one of 'block', 'diag', 'givens', "
-     r"'householder', 'magnitude', 'orthogonal', 'skew'"),
+     r"register_conditioning: argument 'transform' expected one of 'block', 'diag', "
+     r"'givens', 'householder', 'magnitude', 'orthogonal', 'skew', got 'rotation'"),
     ("transform-type", lambda layer: REG(layer, transform=42), wc.OptionError,
      r"register_conditioning: argument 'transform' expected a registered name \(.*\), a "
      r"Transform subclass or a Transform instance, got int"),
     ("map", lambda layer: REG(layer, transform="skew", map="cayly"), wc.UnknownNameError,
-     r"skew: argument 'map' expected one of 'cayley', 'exp', 'first_order', got 'cayly'"),
-    ("dense-map", lambda layer: REG(layer, transform="block", map="cayly"), wc.OptionError,
-     r"block: argument 'map' expected one of 'cayley', 'exp', 'first_order' or a callable, "
-     r"got 'cayly'"),
+     r"register_conditioning: skew: argument 'map' expected one of 'cayley', 'exp', "
+     r"'first_order', got 'cayly'"),
+    ("dense-map", lambda layer: REG(layer, transform="block", map="cayly"),
+     wc.UnknownNameError, r"register_conditioning: block: argument 'map' expected one of "
+                          r"'cayley', 'exp', 'first_order' or a callable, got 'cayly'"),
     ("skew-rank", lambda layer: REG(layer, side="right", transform="skew", rank=11), wc.ShapeError,
      r"skew: argument 'rank' expected an int <= 10 \(the side dimension\), got 11"),
     ("temperature", lambda layer: REG(layer, transform="skew", temperature="on"), wc.OptionError,
@@ -89,14 +109,21 @@ CATALOGUE = [
     ("instance-options", lambda layer: REG(layer, transform=wc.TRANSFORMS["diag"](12), rank=1),
      wc.OptionError, r"options \['rank'\] given with a transform object"),
     ("preset-name", lambda layer: wc.apply_preset(layer, "lorra"), wc.UnknownNameError,
-     r"unknown preset 'lorra'; expected one of 'lora', 'dora', 'pre_diag', 'sora'"),
+     r"apply_preset: argument 'name' expected one of 'lora', 'dora', 'pre_diag', 'sora', "
+     r"got 'lorra'"),
     ("preset-option", lambda layer: wc.apply_preset(layer, "lora", rotation_rank=2),
      wc.UnknownNameError, r"apply_preset\('lora'\): unknown option 'rotation_rank'; "
                           r"expected one of 'rank', 'alpha'"),
     ("preset-late-failure", lambda layer: wc.apply_preset(layer, "sora", map="cayly"),
-     wc.UnknownNameError, r"skew: argument 'map' expected one of"),
+     wc.UnknownNameError, r"apply_preset\('sora'\): skew: argument 'map' expected one of"),
     ("preset-rank", lambda layer: wc.apply_preset(layer, "dora", rank=0), wc.OptionError,
      r"argument 'rank' expected an int >= 1, got 0"),
+    ("side-of-one", lambda layer: REG(torch.nn.Linear(8, 1), transform="givens"),
+     wc.ShapeError, r"register_conditioning: givens: the side dimension is 1, expected at "
+                    r"least 2"),
+    ("broken-transform", lambda layer: REG(layer, transform=Truncating(12)), wc.ShapeError,
+     r"argument 'transform' expected a transform whose apply\(\) of a \(12,\) input has "
+     r"shape \(12,\), got \(11,\) from Truncating"),
     ("merge-plain", lambda layer: wc.merge(torch.nn.Linear(2, 2)), wc.StateError,
      r"merge: argument 'layer' expected a conditioned layer, got an unconditioned Linear"),
     ("remove-plain", lambda layer: wc.remove_conditioning(torch.nn.Linear(2, 2)), wc.StateError,
@@ -147,3 +174,34 @@ def test_errors_are_value_type_and_key_errors_where_python_expects_them() -> Non
     assert issubclass(wc.LayerTypeError, TypeError)
     assert issubclass(wc.UnknownNameError, KeyError)
     assert "rotation" not in wc.TRANSFORMS and "skew" in wc.TRANSFORMS
+
+
+def test_foreign_parametrizations_are_refused_and_left_alone() -> None:
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    for name in ("weight", "bias"):
+        layer = make_layer(12, 10)
+        torch.nn.utils.parametrize.register_parametrization(layer, name, Scale())
+        before = snapshot(layer)
+        for call in (lambda layer=layer: wc.register_update(layer, rank=2),
+                     lambda layer=layer: wc.register_conditioning(layer, transform="diag"),
+                     lambda layer=layer: wc.apply_preset(layer, "dora")):
+            with pytest.raises(wc.StateError, match=rf"argument 'layer' expected a layer "
+                               rf"without torch.nn.utils.parametrize parametrizations .* got "
+                               rf"one parametrized on '{name}'"):
+                call()
+            assert same(layer, before) and not wc.is_conditioned(layer)
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_a_failing_user_initialize_leaves_the_layer_alone(conditioned: bool) -> None:
+    layer = make_layer(12, 10)
+    if conditioned:
+        wc.register_update(layer, rank=2)
+    before = snapshot(layer)
+    with pytest.raises(RuntimeError, match="boom"):
+        wc.register_conditioning(layer, placement="post", transform=FailingInit(12))
+    assert same(layer, before) and wc.is_conditioned(layer) == conditioned
+

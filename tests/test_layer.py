@@ -220,15 +220,49 @@ def test_deepcopy_and_state_dict_round_trip() -> None:
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
-def test_weight_cache_follows_in_place_changes_of_the_base() -> None:
+@pytest.mark.parametrize("change", ["in_place", "data", "replaced_storage"])
+def test_dora_follows_any_change_of_the_base_weight(change: str) -> None:
     layer = make_layer()
     wc.apply_preset(layer, "dora", rank=2)
     randomize(layer)
     x = torch.randn(4, 10, dtype=torch.float64)
     layer(x)
+    original = layer.parametrizations.weight.original
     with torch.no_grad():
-        layer.parametrizations.weight.original.mul_(2.0)
+        if change == "in_place":
+            original.mul_(2.0)
+        elif change == "data":
+            original.data.mul_(2.0)  # bypasses the version counter
+        else:
+            other = torch.randn_like(original)
+            original.data = other
+            other.mul_(5.0)
     check_dense_equals_matrix_free(layer, x)
+
+
+def test_inference_mode_then_training_with_attached_norm() -> None:
+    layer = make_layer()
+    wc.apply_preset(layer, "pre_diag", rank=2)
+    wc.register_conditioning(layer, placement="post", transform="magnitude", detach_norm=False)
+    randomize(layer)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    with torch.inference_mode():
+        layer(x)
+    check_dense_equals_matrix_free(layer, x)
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("stack", [
+    [("skew", "pre", "left"), ("householder", "post", "left"), ("diag", "post", "left")],
+    [("diag", "pre", "left"), ("householder", "pre", "right"), ("skew", "post", "left"),
+     ("magnitude", "post", "left"), ("skew", "post", "right")],
+], ids=["pre-post", "mixed"])
+def test_folded_and_unfolded_rotations_agree_with_dense(stack, tokens: int) -> None:
+    """Thin left rotations are folded into rank-m terms with many tokens and applied to the
+    outputs with few (Note (folded rotations)); both must equal the dense form."""
+    layer = condition(make_layer(24, 20), stack, condition_bias=True)
+    randomize(layer)
+    check_dense_equals_matrix_free(layer, torch.randn(tokens, 20, dtype=torch.float64))
 
 
 def test_merging_a_deepcopy_leaves_the_original_conditioned() -> None:

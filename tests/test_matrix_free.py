@@ -31,16 +31,25 @@ class LargestNewTensor(TorchDispatchMode):
         return out
 
 
-OUT, IN, TOKENS = 48, 40, 8  # tokens < min(out, in): activations stay below out·in
+# tokens < min(out, in): activations stay below out·in; 8 tokens fold thin rotations
+# (Note (folded rotations)), 2 do not
+OUT, IN, TOKENS = 48, 40, 8
 
 
-@pytest.mark.parametrize("preset", ["lora", "dora", "pre_diag", "sora"])
+CASES = [("lora", {}), ("dora", {}), ("dora", {"detach_norm": False}), ("pre_diag", {}),
+         ("sora", {}), ("sora", {"map": "first_order", "condition_bias": True}),
+         ("sora", {"map": "exp"})]
+
+
+@pytest.mark.parametrize("tokens", [TOKENS, 2])
+@pytest.mark.parametrize("preset, options", CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("bias", [True, False])
-def test_no_out_by_in_tensor_in_forward_and_backward(preset: str, bias: bool) -> None:
+def test_no_out_by_in_tensor_in_forward_and_backward(preset: str, options, bias: bool,
+                                                      tokens: int) -> None:
     layer = make_layer(OUT, IN, bias=bias, dtype=torch.float32)
-    wc.apply_preset(layer, preset, rank=4)
+    wc.apply_preset(layer, preset, rank=4, **options)
     randomize(layer)
-    x = torch.randn(TOKENS, IN, requires_grad=True)
+    x = torch.randn(tokens, IN, requires_grad=True)
     with LargestNewTensor() as record:
         layer(x).square().sum().backward()
     size, where = record.largest

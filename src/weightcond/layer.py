@@ -30,6 +30,7 @@ from .errors import (
     ShapeError,
     StateError,
     UnknownNameError,
+    WeightcondError,
     check_bool,
     check_choice,
 )
@@ -104,8 +105,9 @@ class _ConditionedBias(nn.Module):
 
 def is_conditioned(layer: nn.Module) -> bool:
     """Whether ``layer`` carries weightcond conditioning."""
-    return type(layer).__bases__[0] in _CONDITIONED_CLASSES.values() and \
-        parametrize.is_parametrized(layer, "weight")
+    return (parametrize.is_parametrized(layer, "weight")
+            and isinstance(layer.parametrizations.weight[0], Conditioning)
+            and type(layer).__bases__[0] in _CONDITIONED_CLASSES.values())
 
 
 def _conditioning(layer: nn.Module) -> Conditioning:
@@ -128,21 +130,36 @@ def _base_weight(layer: nn.Module) -> Tensor:
     return layer.weight  # type: ignore[no-any-return]
 
 
-def _attach(layer: nn.Module) -> Conditioning:
-    """The layer's :class:`Conditioning`, created (class swap + parametrization) if needed."""
+def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
+    """``(out, in)`` of a layer weightcond can condition, or a typed error."""
+    shape = layer_kind(layer, where).shape(layer)
+    if not is_conditioned(layer) and parametrize.is_parametrized(layer):
+        names = ", ".join(repr(n) for n in layer.parametrizations)
+        raise StateError(f"{where}: argument 'layer' expected a layer without "
+                         f"torch.nn.utils.parametrize parametrizations (weightcond owns the "
+                         f"weight's), got one parametrized on {names}")
+    return shape
+
+
+def _conditioning_for(layer: nn.Module) -> Conditioning:
+    """The layer's :class:`Conditioning`, or a new one not yet attached."""
     if is_conditioned(layer):
         return _conditioning(layer)
-    out_features, in_features = layer_kind(layer, "weightcond").shape(layer)
+    return Conditioning(*layer_kind(layer, "weightcond").shape(layer))
+
+
+def _attach(layer: nn.Module, conditioning: Conditioning) -> None:
+    """Install ``conditioning`` (class swap + parametrization) unless it already is."""
+    if is_conditioned(layer):
+        return
     layer.__class__ = _conditioned_class(type(layer))
-    parametrize.register_parametrization(layer, "weight", Conditioning(out_features,
-                                                                       in_features))
-    return _conditioning(layer)
+    parametrize.register_parametrization(layer, "weight", conditioning)
 
 
 # -- the update -----------------------------------------------------------------------------------
 def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None
                   ) -> LowRankUpdate:
-    out_features, in_features = layer_kind(layer, where).shape(layer)
+    out_features, in_features = _check_layer(layer, where)
     if is_conditioned(layer) and _conditioning(layer).update is not None:
         raise StateError(f"{where}: the layer already has an update; call "
                          f"weightcond.remove_conditioning(layer) first")
@@ -179,7 +196,9 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
         ((2, 8), (6, 2), 2.0)
     """
     update = _build_update(layer, "register_update", rank=rank, alpha=alpha)
-    _attach(layer).update = update
+    conditioning = _conditioning_for(layer)
+    _attach(layer, conditioning)
+    conditioning.update = update
     return update
 
 
@@ -203,7 +222,7 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
                              f"layer; pass a new one")
         return transform
     if isinstance(transform, str):
-        cls = TRANSFORMS[transform]
+        cls = TRANSFORMS.lookup(transform, where, "transform")
     elif isinstance(transform, type) and issubclass(transform, Transform):
         cls = transform
     else:
@@ -225,7 +244,7 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
 def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: str,
                        transform: Any, condition_bias: bool, options: Mapping[str, Any]
                        ) -> Conditioner:
-    out_features, in_features = layer_kind(layer, where).shape(layer)
+    out_features, in_features = _check_layer(layer, where)
     stage = Stage(check_choice(where, "placement", placement, [s.value for s in Stage]))
     where_side = Side(check_choice(where, "side", side, [s.value for s in Side]))
     check_bool(where, "condition_bias", condition_bias)
@@ -233,23 +252,57 @@ def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: st
         raise OptionError(f"{where}: argument 'condition_bias' expected False for side='right' "
                           f"(only output-side conditioners act on the bias), got True")
     dim = out_features if where_side is Side.LEFT else in_features
-    built = _build_transform(transform, dim, options, where)
+    try:
+        built = _build_transform(transform, dim, options, where)
+    except WeightcondError as error:  # say which call the transform's own error came from
+        message = str(error)
+        raise type(error)(message if message.startswith(where) else f"{where}: {message}"
+                          ) from None
     weight = _base_weight(layer)
     built.to(dtype=weight.dtype, device=weight.device)
+    _check_transform(built, weight, where)
     return Conditioner(built, stage, where_side, condition_bias)
 
 
+def _check_transform(transform: Transform, weight: Tensor, where: str) -> None:
+    """Run a (user-written) transform once on a probe, so a broken one fails here and not in
+    ``forward``: it must keep the shape of vectors and batches of vectors."""
+    name = type(transform).__name__
+    with torch.no_grad():
+        for probe in (weight.new_zeros(transform.dim), weight.new_zeros(2, transform.dim)):
+            if transform.norm_tied:
+                got = transform.diagonal(weight.new_ones(transform.dim)).shape
+                expected: tuple[int, ...] = (transform.dim,)
+                what = "diagonal(norms)"
+            else:
+                got = transform.apply(probe).shape
+                expected = tuple(probe.shape)
+                what = f"apply() of a {tuple(probe.shape)} input"
+            if tuple(got) != expected:
+                raise ShapeError(f"{where}: argument 'transform' expected a transform whose "
+                                 f"{what} has shape {expected}, got {tuple(got)} from {name}")
+
+
 def _attach_conditioner(layer: nn.Module, conditioner: Conditioner) -> None:
-    conditioning = _attach(layer)
+    """Initialise (which may fail in user code) before touching the layer, then attach."""
+    conditioning = _conditioning_for(layer)
     stage = Stage(conditioner.placement)
     if conditioner.transform.norm_tied:
         conditioner.transform.initialize(conditioning.initial_norms(
             _base_weight(layer), stage, Side(conditioner.side)))
+    was_conditioned = is_conditioned(layer)
+    _attach(layer, conditioning)
     conditioning.stage(stage).append(conditioner)
+    try:
+        if conditioner.condition_bias and layer.bias is not None and \
+                not parametrize.is_parametrized(layer, "bias"):
+            parametrize.register_parametrization(layer, "bias", _ConditionedBias(layer))
+    except Exception:
+        del conditioning.stage(stage)[-1]
+        if not was_conditioned:
+            _strip(layer)
+        raise
     conditioner.transform._weightcond_attached = True
-    if conditioner.condition_bias and layer.bias is not None and \
-            not parametrize.is_parametrized(layer, "bias"):
-        parametrize.register_parametrization(layer, "bias", _ConditionedBias(layer))
 
 
 def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str = "left",

@@ -137,8 +137,8 @@ class _Apply:
 
 @dataclass(frozen=True)
 class _LowRank:
-    factor: Tensor  # (..., rank): adds factor @ Bᵀ
-    B: Tensor
+    factor: Tensor  # (..., m): adds factor @ right
+    right: Tensor  # (m, out)
 
 
 @dataclass(frozen=True)
@@ -149,15 +149,18 @@ class _Add:
 _Step = _Scale | _Apply | _LowRank | _Add
 
 
-def _left_steps(items: list[tuple[Conditioner, Tensor | None]]) -> list[_Step]:
-    steps: list[_Step] = []
-    for c, d in items:
-        if not c.is_left:
-            continue
+# fold thin left conditioners when tokens · this >= min(out, in) (see Note (folded rotations))
+_FOLD_TOKENS_PER_DIM = 4
+
+
+def _through_left(rows: Tensor, chain: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
+    """``rows · L_k ⋯ L_1`` for the left conditioners ``chain = [L_1, ..., L_k]``."""
+    for c, d in reversed(chain):
         if d is None and c.transform.is_diagonal:
             d = c.transform.diagonal()
-        steps.append(_Apply(c) if d is None else _Scale(d))
-    return steps
+        rows = rows * d.to(rows.dtype) if d is not None else c.transform.apply(rows,
+                                                                                transpose=True)
+    return rows
 
 
 def _run(y: Tensor, steps: list[_Step]) -> Tensor:
@@ -185,7 +188,7 @@ def _run(y: Tensor, steps: list[_Step]) -> Tensor:
         run = steps[i:j]
         vectors = [a.vector.to(y.dtype) for a in run if isinstance(a, _Add)]
         vector = sum(vectors[1:], vectors[0]) if vectors else None
-        lowranks = [(a.factor.reshape(-1, a.factor.shape[-1]), a.B.mT)
+        lowranks = [(a.factor.reshape(-1, a.factor.shape[-1]), a.right.contiguous())
                     for a in run if isinstance(a, _LowRank)]
         if pending is None:
             for t, b in lowranks:
@@ -219,7 +222,6 @@ class Conditioning(nn.Module):
         self.pre = nn.ModuleList()
         self.post = nn.ModuleList()
         self.dense = False  # set by weightcond.dense_forward
-        self._weight_sq: tuple[tuple[object, ...], Tensor] | None = None
 
     # -- the ordered list -------------------------------------------------------------------
     def conditioners(self) -> list[Conditioner]:
@@ -274,28 +276,75 @@ class Conditioning(nn.Module):
 
     # -- the matrix-free form ---------------------------------------------------------------------
     def activation(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The layer's output for input ``x`` without forming the conditioned weight."""
+        """The layer's output for input ``x`` without forming the conditioned weight.
+
+        Note (folded rotations): a left conditioner with :math:`Q = I + U V^\\top`
+        (``skew``, ``householder``) acts on the output ``y = Y h`` as
+        ``y + U (Vᵀ Y) h``: a rank-``m`` term whose ``(m, in)`` factor :math:`V^\\top Y` is
+        pulled back through the frozen weight with small GEMMs (``m·out·in`` per step). With
+        enough tokens this is cheaper than rotating every ``(tokens, out)`` output and it
+        creates no output-sized temporaries; with few tokens (generation) the rotation is
+        applied to the outputs instead. Both are exact.
+        """
         conditioners = self.conditioners()
         diags = self._diagonals(weight, conditioners)
         items = list(zip(conditioners, diags))
         pre, post = items[:len(self.pre)], items[len(self.pre):]
-        h = x
+        h_post = x
         for c, d in reversed(post):
             if not c.is_left:
-                h = c.on_activations(h, d)
-        update: list[_Step] = []
-        if self.update is not None:
-            update = [_LowRank(self.update.factor(h), self.update.B)]
+                h_post = c.on_activations(h_post, d)
+        h_pre = h_post
         for c, d in reversed(pre):
             if not c.is_left:
-                h = c.on_activations(h, d)
+                h_pre = c.on_activations(h_pre, d)
+        update: list[_Step] = []
+        if self.update is not None:
+            update = [_LowRank(self.update.factor(h_post), self.update.B.mT)]
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(F.linear(h, weight, bias), update)
-        steps = [*_left_steps(pre), *update, *_left_steps(post)]
+            return _run(F.linear(h_pre, weight, bias), update)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        fold = tokens * _FOLD_TOKENS_PER_DIM >= min(self.out_features, self.in_features)
+        left_pre = [(c, d) for c, d in pre if c.is_left]
+        left_post = [(c, d) for c, d in post if c.is_left]
+
+        def pull_back(rows: Tensor, before: list[tuple[Conditioner, Tensor | None]],
+                      in_post: bool) -> Tensor:
+            """``rows · (the output chain so far)`` as rows in the input's space."""
+            rows = _through_left(rows, before)
+            if not in_post:
+                return rows @ weight.to(rows.dtype)
+            out = _through_left(rows, left_pre) @ weight.to(rows.dtype)
+            for c, d in pre:  # R_pre = R_1 R_2 ...: rows · R_1 first
+                if not c.is_left:
+                    out = out * d.to(out.dtype) if d is not None else \
+                        c.transform.apply(out, transpose=True)
+            if self.update is not None:
+                upd = self.update
+                out = out + upd.scaling * (rows @ upd.B.to(rows.dtype)) @ upd.A.to(rows.dtype)
+            return out
+
+        def steps(chain: list[tuple[Conditioner, Tensor | None]], in_post: bool) -> list[_Step]:
+            found: list[_Step] = []
+            for i, (c, d) in enumerate(chain):
+                if d is None and c.transform.is_diagonal:
+                    d = c.transform.diagonal()
+                factors = None if d is not None or not fold else c.transform.low_rank()
+                if d is not None:
+                    found.append(_Scale(d))
+                elif factors is not None:
+                    u, v = (f.to(x.dtype) for f in factors)
+                    pulled = pull_back(v.mT.contiguous(), chain[:i], in_post)
+                    found.append(_LowRank(F.linear(h_post if in_post else h_pre, pulled), u.mT))
+                else:
+                    found.append(_Apply(c))
+            return found
+
+        chain = [*steps(left_pre, False), *update, *steps(left_post, True)]
         bias = self._condition_bias(bias, items)
         if bias is not None:
-            steps.append(_Add(bias))
-        return _run(F.linear(h, weight), steps)
+            chain.append(_Add(bias))
+        return _run(F.linear(h_pre, weight), chain)
 
     def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
         """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""
@@ -324,7 +373,7 @@ class Conditioning(nn.Module):
         ``diag(l) · X · R`` with ``R`` orthogonal has row norms ``|l| ⊙ ‖X‖_row``, and
         ``X = diag(p) W R_pre + s B A`` has
         ``‖X_i‖² = p_i² ‖W_i‖² + 2 s p_i [(W R_pre Aᵀ) ⊙ B]_i 1 + s² [(B A Aᵀ) ⊙ B]_i 1``,
-        where ``‖W_i‖²`` is cached (``W`` is frozen). Anything else uses the dense matrix.
+        (``‖W_i‖²`` is a reduction over ``W``). Anything else uses the dense matrix.
         """
         if not any(c.transform.norm_tied for c in conditioners):
             return [None] * len(conditioners)
@@ -366,7 +415,9 @@ class Conditioning(nn.Module):
         return diags
 
     def _scaled_weight_sq(self, weight: Tensor, scale: Tensor | None) -> Tensor:
-        sq = self._cached_weight_sq(weight)
+        # recomputed every call (a reduction, no (out, in) temporary): a cache keyed on the
+        # tensor's version would miss in-place changes made through `.data`
+        sq = _norms(weight, True) ** 2
         return sq if scale is None else sq * scale.to(sq.dtype) ** 2
 
     def _update_row_sq(self, weight: Tensor, pre_scale: Tensor | None,
@@ -389,13 +440,3 @@ class Conditioning(nn.Module):
         quad = ((b @ (a32 @ a32.mT)) * b).sum(-1)
         s = upd.scaling
         return sq + 2 * s * cross + s * s * quad
-
-    def _cached_weight_sq(self, weight: Tensor) -> Tensor:
-        """``‖W_i‖²``, cached while the frozen weight is unchanged (same storage and version)."""
-        if weight.requires_grad:
-            return _norms(weight, True) ** 2
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
-        if self._weight_sq is None or self._weight_sq[0] != key:
-            with torch.no_grad():
-                self._weight_sq = (key, _norms(weight, True) ** 2)
-        return self._weight_sq[1]

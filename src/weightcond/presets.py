@@ -21,6 +21,7 @@ from .layer import (
     _attach_conditioner,
     _build_conditioner,
     _build_update,
+    _conditioning_for,
 )
 from .placement import Conditioner
 from .registry import Registry
@@ -144,8 +145,8 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
         >>> [(c.placement, c.side, c.transform.name) for c in applied.conditioners]
         [('pre', 'left', 'diag'), ('post', 'left', 'skew')]
     """
+    preset = PRESETS.lookup(name, "apply_preset", "name")
     where = f"apply_preset({name!r})"
-    preset = PRESETS[name]
     accepted = preset.options()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -164,7 +165,9 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
         for spec in preset.conditioners
     ]
     if update is not None:
-        _attach(layer).update = update
+        conditioning = _conditioning_for(layer)
+        _attach(layer, conditioning)
+        conditioning.update = update
     for conditioner in built:
         _attach_conditioner(layer, conditioner)
     return Applied(update, tuple(built))

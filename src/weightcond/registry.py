@@ -49,6 +49,14 @@ class Registry(Mapping[str, T], Generic[T]):
             raise UnknownNameError(
                 f"unknown {self._kind} {name!r}; expected one of {valid}") from None
 
+    def lookup(self, name: str, where: str, argument: str) -> T:
+        """``self[name]``, with an error that names the call and the argument."""
+        if isinstance(name, str) and name in self._entries:
+            return self._entries[name]
+        valid = ", ".join(repr(n) for n in self._entries)
+        raise UnknownNameError(
+            f"{where}: argument '{argument}' expected one of {valid}, got {name!r}")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

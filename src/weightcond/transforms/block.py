@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import ShapeError, check_int
 from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, require_plane
 from .maps import EXACT_MAPS, resolve_dense_map
 
 
@@ -39,6 +39,7 @@ class Block(Transform):
     def __init__(self, dim: int, *, block_size: int | None = None,
                  map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
         super().__init__(dim)
+        require_plane("block", dim)
         if block_size is None:
             block_size = max((b for b in range(2, min(32, dim) + 1) if dim % b == 0), default=2)
         self.block_size = check_int("block", "block_size", block_size, low=2, high=dim,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import check_int
 from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, require_plane
 
 
 def butterfly_pairs(dim: int, stride: int) -> list[tuple[int, int]]:
@@ -41,7 +41,7 @@ class Givens(Transform):
 
     def __init__(self, dim: int, *, rounds: int | None = None) -> None:
         super().__init__(dim)
-        check_int("givens", "dim", dim, low=2)
+        require_plane("givens", dim)
         stages = max(1, math.ceil(math.log2(dim)))
         self.rounds = check_int("givens", "rounds", stages if rounds is None else rounds)
         partner, sign, slot = [], [], []

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..errors import OptionError, check_int
 from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, require_plane
 
 
 @register_transform("householder")
@@ -34,6 +34,7 @@ class Householder(Transform):
 
     def __init__(self, dim: int, *, reflections: int | None = None) -> None:
         super().__init__(dim)
+        require_plane("householder", dim)
         if reflections is None:
             reflections = min(8, dim - dim % 2)
         self.reflections = check_int("householder", "reflections", reflections, low=2,
@@ -58,12 +59,9 @@ class Householder(Transform):
         t_inv = torch.triu(v.mT @ v, diagonal=1) + eye / 2
         return v, torch.linalg.solve_triangular(t_inv, eye, upper=True)
 
-    def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
+    def low_rank(self) -> tuple[Tensor, Tensor]:
         v, t = self.wy()
-        # rows: h Qᵀ = h - (h V)(V T)ᵀ ;  h Q = h - (h V)(V Tᵀ)ᵀ — one fused addmm
-        vt = (v @ (t.mT if transpose else t)).to(h.dtype)
-        h2 = h.reshape(-1, self.dim)
-        return torch.addmm(h2, h2 @ v.to(h.dtype), vt.mT, alpha=-1).view(h.shape)
+        return -v, v @ t.mT  # I - V T Vᵀ = I + U Wᵀ with U = -V, W = V Tᵀ
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, reflections={self.reflections}"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import OptionError
+from ..errors import UnknownNameError
 
 __all__ = ["DENSE_MAPS", "EXACT_MAPS", "MAP_NAMES", "cayley", "first_order", "lowrank_core",
            "matrix_exp", "resolve_dense_map"]
@@ -69,7 +69,7 @@ def resolve_dense_map(where: str, map: str | Callable[[Tensor], Tensor]
     if isinstance(map, str) and map in DENSE_MAPS:
         return DENSE_MAPS[map]
     valid = ", ".join(repr(n) for n in DENSE_MAPS)
-    raise OptionError(f"{where}: argument 'map' expected one of {valid} or a callable, "
+    raise UnknownNameError(f"{where}: argument 'map' expected one of {valid} or a callable, "
                       f"got {map!r}")
 
 

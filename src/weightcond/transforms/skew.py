@@ -87,13 +87,10 @@ class Skew(Transform):
         core = lowrank_core(self.scale() * j, p32.mT @ p32, self.map)
         return p, core
 
-    def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
+    def low_rank(self) -> tuple[Tensor, Tensor]:
         p, core = self.factors()
-        # rows: h Qᵀ = h + (h P)(P M)ᵀ ;  h Q = h + (h P)(P Mᵀ)ᵀ — one fused addmm; the right
-        # factor is a transposed view, the layout the thin GEMM is fastest with on CPU
-        pm = (p.to(core.dtype) @ (core.mT if transpose else core)).to(h.dtype)
-        h2 = h.reshape(-1, self.dim)
-        return torch.addmm(h2, h2 @ p.to(h.dtype), pm.mT).view(h.shape)
+        p = p.to(core.dtype)
+        return p, p @ core.mT  # I + P M Pᵀ = I + U Vᵀ with U = P, V = P Mᵀ
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, map={self.map!r}, temperature={self.temperature}"

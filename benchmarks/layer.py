@@ -1,0 +1,125 @@
+"""Layer level: one frozen ``nn.Linear``, conditioned; a full training step (forward,
+backward, AdamW step) for PEFT peers and weightcond presets, interleaved in one process."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Settings, interleaved_medians, step_peak_bytes
+
+import weightcond as wc
+
+SHAPES = [(1024, 1024), (4096, 4096), (4096, 1024)]  # (out, in)
+QUICK_SHAPES = [(512, 512)]
+
+
+class Wrap(nn.Module):
+    """A model holding one layer named ``proj`` (what PEFT's ``target_modules`` matches)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _peft(config_name: str, **options) -> Callable[[Wrap, Settings], nn.Module]:
+    def build(model: Wrap, s: Settings) -> nn.Module:
+        import peft
+
+        config = getattr(peft, config_name)(target_modules=["proj"], **options)
+        if config_name == "LoraConfig":
+            config.r, config.lora_alpha = s.rank, 2 * s.rank
+        return peft.get_peft_model(model, config)
+    return build
+
+
+def _full(model: Wrap, s: Settings) -> nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+def _preset(name: str, **options) -> Callable[[Wrap, Settings], nn.Module]:
+    def build(model: Wrap, s: Settings) -> nn.Module:
+        wc.apply_preset(model.proj, name, rank=s.rank, alpha=2 * s.rank, **options)
+        return model
+    return build
+
+
+def _right(transform: str, **options) -> Callable[[Wrap, Settings], nn.Module]:
+    def build(model: Wrap, s: Settings) -> nn.Module:
+        wc.register_conditioning(model.proj, side="right", transform=transform, **options)
+        return model
+    return build
+
+
+# name -> (builder, group); peers first, PEFT LoRA is the reference of every ratio
+CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
+    "peft_lora": (_peft("LoraConfig"), "peer"),
+    "peft_dora": (_peft("LoraConfig", use_dora=True), "peer"),
+    "peft_oft_b32": (_peft("OFTConfig", r=0, oft_block_size=32), "peer"),
+    "peft_hra_r8": (_peft("HRAConfig", r=8), "peer"),
+    "full_finetune": (_full, "peer"),
+    "lora": (_preset("lora"), "ours"),
+    "dora": (_preset("dora"), "ours"),
+    "pre_diag": (_preset("pre_diag"), "ours"),
+    "sora_cayley": (_preset("sora", map="cayley"), "ours"),
+    "sora_exp": (_preset("sora", map="exp"), "ours"),
+    "sora_first_order": (_preset("sora", map="first_order"), "ours"),
+    "block_b32": (_right("block", block_size=32), "ours"),
+    "householder_k8": (_right("householder", reflections=8), "ours"),
+    "givens": (_right("givens"), "ours"),
+}
+
+
+def build(name: str, out_features: int, in_features: int, s: Settings):
+    """The candidate's model, its optimizer, an input and an output gradient."""
+    torch.manual_seed(0)
+    layer = nn.Linear(in_features, out_features, device=s.device, dtype=s.torch_dtype)
+    layer.requires_grad_(False)
+    model = CANDIDATES[name][0](Wrap(layer), s)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    x = torch.randn(s.tokens, in_features, device=s.device, dtype=s.torch_dtype)
+    grad = torch.randn(s.tokens, out_features, device=s.device, dtype=s.torch_dtype)
+    trainable = sum(p.numel() for p in params)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(x).backward(grad)
+        opt.step()
+
+    return step, trainable
+
+
+def run(s: Settings, shapes: list[tuple[int, int]], log: Callable[[str], None]) -> dict:
+    results: dict[str, dict] = {}
+    for out_f, in_f in shapes:
+        key = f"{out_f}x{in_f}"
+        log(f"layer {key}: building {len(CANDIDATES)} candidates")
+        steps, trainable = {}, {}
+        for name in CANDIDATES:
+            steps[name], trainable[name] = build(name, out_f, in_f, s)
+        times = interleaved_medians(steps, s)
+        ref = times["peft_lora"]["median"]
+        entry = {}
+        for name, t in times.items():
+            entry[name] = {"group": CANDIDATES[name][1], "time_s": t,
+                           "time_ratio_to_peft_lora": t["median"] / ref,
+                           "trainable_parameters": trainable[name],
+                           "peak_bytes": step_peak_bytes(steps[name])}
+        del steps
+        ref_mem = entry["peft_lora"]["peak_bytes"]
+        for name in CANDIDATES:
+            entry[name]["memory_ratio_to_peft_lora"] = entry[name]["peak_bytes"] / ref_mem
+        results[key] = entry
+        log("  " + ", ".join(f"{n} {e['time_ratio_to_peft_lora']:.2f}" for n, e in
+                             entry.items()))
+    return results

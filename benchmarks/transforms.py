@@ -1,0 +1,112 @@
+"""Transform level: build + apply (forward and backward) of each transform on 256 tokens as
+the dimension grows, against dense orthogonal parametrizations."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Settings, interleaved_medians
+
+import weightcond as wc
+
+DIMS = [256, 512, 1024, 2048, 4096, 8192]
+QUICK_DIMS = [128, 256, 512]
+DENSE_LIMIT = 2048  # dense peers are O(n³) per step: not run above this
+TOKENS = 256
+
+OURS: dict[str, dict[str, object]] = {
+    "skew_cayley_k4": {"transform": "skew", "rank": 4, "map": "cayley"},
+    "skew_exp_k4": {"transform": "skew", "rank": 4, "map": "exp"},
+    "householder_k8": {"transform": "householder", "reflections": 8},
+    "givens": {"transform": "givens"},
+    "block_b32": {"transform": "block", "block_size": 32},
+    "diag": {"transform": "diag"},
+}
+
+
+def _dense_skew(n: int, s: Settings, map: Callable[[torch.Tensor], torch.Tensor]):
+    generator = nn.Parameter(torch.zeros(n, n, device=s.device, dtype=s.torch_dtype))
+
+    def matrix() -> torch.Tensor:
+        x = generator.tril(-1)
+        return map(x - x.mT)
+    return matrix, [generator]
+
+
+def _parametrized(n: int, s: Settings, register: Callable[[nn.Module], object]):
+    layer = nn.Linear(n, n, bias=False, device=s.device, dtype=s.torch_dtype)
+    register(layer)
+    return (lambda: layer.weight), list(layer.parameters())
+
+
+def _torch_orthogonal(layer: nn.Module) -> object:
+    return torch.nn.utils.parametrizations.orthogonal(layer)
+
+
+def _geotorch_orthogonal(layer: nn.Module) -> object:
+    import geotorch
+    return geotorch.orthogonal(layer, "weight")
+
+
+DENSE: dict[str, Callable[[int, Settings], tuple[Callable[[], torch.Tensor], list]]] = {
+    "dense_solve_cayley": lambda n, s: _dense_skew(n, s, wc.transforms.maps.cayley),
+    "dense_matrix_exp": lambda n, s: _dense_skew(n, s, torch.linalg.matrix_exp),
+    "torch_orthogonal": lambda n, s: _parametrized(n, s, _torch_orthogonal),
+    "geotorch_orthogonal": lambda n, s: _parametrized(n, s, _geotorch_orthogonal),
+}
+
+
+def _step(apply: Callable[[torch.Tensor], torch.Tensor], params: list, h: torch.Tensor,
+          grad: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        apply(h).backward(grad)
+    return step
+
+
+def run(s: Settings, dims: list[int], log: Callable[[str], None]) -> dict:
+    results: dict[str, dict] = {}
+    for n in dims:
+        h = torch.randn(TOKENS, n, device=s.device, dtype=s.torch_dtype)
+        grad = torch.randn_like(h)
+        steps = {}
+        for name, spec in OURS.items():
+            spec = dict(spec)
+            t = wc.TRANSFORMS[spec.pop("transform")](n, **spec).to(s.device, s.torch_dtype)
+            steps[name] = _step(t.apply, list(t.parameters()), h, grad)
+        if n <= DENSE_LIMIT:
+            for name, make in DENSE.items():
+                matrix, params = make(n, s)
+                steps[name] = _step(lambda x, m=matrix: x @ m().mT, params, h, grad)
+        times = interleaved_medians(steps, Settings(**{**s.__dict__,
+                                                        "repeats": max(3, s.repeats // 2)}))
+        results[str(n)] = {name: t for name, t in times.items()}
+        log(f"transforms n={n}: " + ", ".join(f"{k} {v['median'] * 1e3:.2f}ms"
+                                              for k, v in times.items()))
+    return {"tokens": TOKENS, "times": results, "slopes": slopes(results)}
+
+
+def slopes(results: dict[str, dict]) -> dict[str, float]:
+    """Least-squares slope of log(time) against log(n) over the dimensions run: 1 for
+    O(n·k), 2 for O(n²), 3 for O(n³) (small sizes flatten it: overheads are constant)."""
+    out = {}
+    names = {name for per_n in results.values() for name in per_n}
+    for name in sorted(names):
+        points = [(math.log(int(n)), math.log(per_n[name]["median"]))
+                  for n, per_n in results.items() if name in per_n]
+        if len(points) < 2:
+            continue
+        mx = sum(p[0] for p in points) / len(points)
+        my = sum(p[1] for p in points) / len(points)
+        num = sum((x - mx) * (y - my) for x, y in points)
+        den = sum((x - mx) ** 2 for x, _ in points)
+        out[name] = num / den
+    return out
