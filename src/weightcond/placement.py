@@ -137,7 +137,10 @@ class _Apply:
 
 @dataclass(frozen=True)
 class _LowRank:
-    factor: Tensor  # (..., m): adds factor @ right
+    """Adds ``(input @ leftᵀ) @ right``."""
+
+    input: Tensor  # (..., in)
+    left: Tensor  # (m, in)
     right: Tensor  # (m, out)
 
 
@@ -161,6 +164,26 @@ def _through_left(rows: Tensor, chain: list[tuple[Conditioner, Tensor | None]]) 
         rows = rows * d.to(rows.dtype) if d is not None else c.transform.apply(rows,
                                                                                 transpose=True)
     return rows
+
+
+def _merge_low_rank(terms: list[_LowRank]) -> list[tuple[Tensor, Tensor]]:
+    """``[(t, right)]`` whose ``Σ t @ right`` is the sum of ``terms``: the terms on one input
+    share one GEMM (their left factors stacked), and all terms share one output GEMM."""
+    if not terms:
+        return []
+    groups: dict[int, list[_LowRank]] = {}
+    for term in terms:
+        groups.setdefault(id(term.input), []).append(term)
+    ts, rights = [], []
+    for group in groups.values():
+        x = group[0].input
+        x = x.reshape(-1, x.shape[-1])
+        left = torch.cat([g.left for g in group]) if len(group) > 1 else group[0].left
+        ts.append(F.linear(x, left.to(x.dtype)))
+        rights.extend(g.right for g in group)
+    t = torch.cat(ts, dim=-1) if len(ts) > 1 else ts[0]
+    right = torch.cat(rights) if len(rights) > 1 else rights[0]
+    return [(t, right.to(t.dtype).contiguous())]
 
 
 def _run(y: Tensor, steps: list[_Step]) -> Tensor:
@@ -188,8 +211,7 @@ def _run(y: Tensor, steps: list[_Step]) -> Tensor:
         run = steps[i:j]
         vectors = [a.vector.to(y.dtype) for a in run if isinstance(a, _Add)]
         vector = sum(vectors[1:], vectors[0]) if vectors else None
-        lowranks = [(a.factor.reshape(-1, a.factor.shape[-1]), a.right.contiguous())
-                    for a in run if isinstance(a, _LowRank)]
+        lowranks = _merge_low_rank([a for a in run if isinstance(a, _LowRank)])
         if pending is None:
             for t, b in lowranks:
                 y = torch.addmm(y, t, b)
@@ -300,7 +322,8 @@ class Conditioning(nn.Module):
                 h_pre = c.on_activations(h_pre, d)
         update: list[_Step] = []
         if self.update is not None:
-            update = [_LowRank(self.update.factor(h_post), self.update.B.mT)]
+            upd = self.update
+            update = [_LowRank(h_post, upd.A, upd.B.mT * upd.scaling)]
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
             return _run(F.linear(h_pre, weight, bias), update)
         tokens = x.numel() // max(x.shape[-1], 1)
@@ -335,7 +358,7 @@ class Conditioning(nn.Module):
                 elif factors is not None:
                     u, v = (f.to(x.dtype) for f in factors)
                     pulled = pull_back(v.mT.contiguous(), chain[:i], in_post)
-                    found.append(_LowRank(F.linear(h_post if in_post else h_pre, pulled), u.mT))
+                    found.append(_LowRank(h_post if in_post else h_pre, pulled, u.mT))
                 else:
                     found.append(_Apply(c))
             return found
