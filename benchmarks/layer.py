@@ -16,7 +16,7 @@ from common import Settings, interleaved_medians, step_peak_bytes
 import weightcond as wc
 
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 1024)]  # (out, in)
-QUICK_SHAPES = [(512, 512)]
+QUICK_SHAPES = [(256, 256)]
 
 
 class Wrap(nn.Module):
@@ -46,6 +46,21 @@ def _full(model: Wrap, s: Settings) -> nn.Module:
     return model
 
 
+def _floor(model: Wrap, s: Settings) -> nn.Module:
+    """Not a method: the frozen layer's own forward and input-gradient GEMM, the least any
+    method whose gradient must pass through ``W`` (OFT, HRA on the input side) can cost."""
+    return _InputGrad(model)
+
+
+class _InputGrad(nn.Module):
+    def __init__(self, model: Wrap) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.detach().requires_grad_())
+
+
 def _preset(name: str, **options) -> Callable[[Wrap, Settings], nn.Module]:
     def build(model: Wrap, s: Settings) -> nn.Module:
         wc.apply_preset(model.proj, name, rank=s.rank, alpha=2 * s.rank, **options)
@@ -67,6 +82,7 @@ CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
     "peft_oft_b32": (_peft("OFTConfig", r=0, oft_block_size=32), "peer"),
     "peft_hra_r8": (_peft("HRAConfig", r=8), "peer"),
     "full_finetune": (_full, "peer"),
+    "floor_fwd_input_grad": (_floor, "floor"),
     "lora": (_preset("lora"), "ours"),
     "dora": (_preset("dora"), "ours"),
     "pre_diag": (_preset("pre_diag"), "ours"),
@@ -86,15 +102,17 @@ def build(name: str, out_features: int, in_features: int, s: Settings):
     layer.requires_grad_(False)
     model = CANDIDATES[name][0](Wrap(layer), s)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     x = torch.randn(s.tokens, in_features, device=s.device, dtype=s.torch_dtype)
     grad = torch.randn(s.tokens, out_features, device=s.device, dtype=s.torch_dtype)
     trainable = sum(p.numel() for p in params)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         model(x).backward(grad)
-        opt.step()
+        if opt is not None:
+            opt.step()
 
     return step, trainable
 

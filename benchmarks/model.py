@@ -17,6 +17,7 @@ import weightcond as wc
 
 TARGETS = ["query", "key", "value", "dense"]
 BATCH, LENGTH = 32, 64
+QUICK_BATCH, QUICK_LENGTH = 4, 16
 CANDIDATES = ["peft_lora", "peft_dora", "lora", "dora", "pre_diag", "sora"]
 
 
@@ -48,7 +49,8 @@ def build(name: str, s: Settings) -> tuple[Callable[[], None], int]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(1000, 20000, (BATCH, LENGTH), device=s.device)
+    shape = (QUICK_BATCH, QUICK_LENGTH) if s.quick else (BATCH, LENGTH)
+    ids = torch.randint(1000, 20000, shape, device=s.device)
     mask = torch.ones_like(ids)
 
     def step() -> None:
@@ -76,4 +78,5 @@ def run(s: Settings, log: Callable[[str], None]) -> dict:
     for e in entry.values():
         e["memory_ratio_to_peft_lora"] = e["peak_bytes"] / ref_mem
     log("  " + ", ".join(f"{n} {e['time_ratio_to_peft_lora']:.2f}" for n, e in entry.items()))
-    return {"batch": BATCH, "length": LENGTH, "targets": TARGETS, "candidates": entry}
+    batch, length = (QUICK_BATCH, QUICK_LENGTH) if s.quick else (BATCH, LENGTH)
+    return {"batch": batch, "length": length, "targets": TARGETS, "candidates": entry}

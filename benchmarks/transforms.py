@@ -17,8 +17,11 @@ from common import Settings, interleaved_medians
 import weightcond as wc
 
 DIMS = [256, 512, 1024, 2048, 4096, 8192]
-QUICK_DIMS = [128, 256, 512]
-DENSE_LIMIT = 2048  # dense peers are O(n³) per step: not run above this
+QUICK_DIMS = [64, 128, 256]
+# dense peers are O(n³) per step: each runs up to its limit (matrix-exponential backward
+# takes about 2 s at n = 1024 here)
+DENSE_LIMITS = {"dense_solve_cayley": 2048, "dense_matrix_exp": 1024, "torch_orthogonal": 1024,
+                "geotorch_orthogonal": 1024}
 TOKENS = 256
 
 OURS: dict[str, dict[str, object]] = {
@@ -82,8 +85,8 @@ def run(s: Settings, dims: list[int], log: Callable[[str], None]) -> dict:
             spec = dict(spec)
             t = wc.TRANSFORMS[spec.pop("transform")](n, **spec).to(s.device, s.torch_dtype)
             steps[name] = _step(t.apply, list(t.parameters()), h, grad)
-        if n <= DENSE_LIMIT:
-            for name, make in DENSE.items():
+        for name, make in DENSE.items():
+            if n <= DENSE_LIMITS[name]:
                 matrix, params = make(n, s)
                 steps[name] = _step(lambda x, m=matrix: x @ m().mT, params, h, grad)
         times = interleaved_medians(steps, Settings(**{**s.__dict__,

@@ -253,6 +253,21 @@ def test_inference_mode_then_training_with_attached_norm() -> None:
 
 @pytest.mark.parametrize("tokens", [1, 64])
 @pytest.mark.parametrize("stack", [
+    [("block", "pre", "right"), ("givens", "pre", "right"), ("diag", "pre", "left")],
+    [("householder", "pre", "right"), ("orthogonal", "pre", "right"), ("skew", "post", "left"),
+     ("diag", "post", "right")],
+    [("householder", "pre", "right"), ("skew", "pre", "right"), ("magnitude", "post", "left")],
+], ids=["weight-side", "mixed-weight-side", "right-folded"])
+def test_rotating_the_weight_or_the_activations_agree_with_dense(stack, tokens: int) -> None:
+    """Right conditioners rotate the weight with many tokens and the activations with few
+    (Note (rotate the smaller side)); thin ones fold. All must equal the dense form."""
+    layer = condition(make_layer(24, 20), stack, condition_bias=True)
+    randomize(layer)
+    check_dense_equals_matrix_free(layer, torch.randn(tokens, 20, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("stack", [
     [("skew", "pre", "left"), ("householder", "post", "left"), ("diag", "post", "left")],
     [("diag", "pre", "left"), ("householder", "pre", "right"), ("skew", "post", "left"),
      ("magnitude", "post", "left"), ("skew", "post", "right")],

@@ -156,6 +156,24 @@ _Step = _Scale | _Apply | _LowRank | _Add
 _FOLD_TOKENS_PER_DIM = 4
 
 
+def _fold_right(chain: list[Conditioner], weight: Tensor, h: Tensor) -> list[_Step] | None:
+    """``W R_1 ⋯ R_k h`` for thin ``R_i = I + U_i V_iᵀ`` as ``W h`` plus rank-``m_i`` terms,
+    ``W R_1 ⋯ R_k = W + Σ_i (W U_i)(V_iᵀ R_{i+1} ⋯ R_k)``; ``None`` unless every ``R_i`` is
+    thin (see Note (folded rotations))."""
+    if not chain:
+        return None
+    factors = [None if c.transform.norm_tied else c.transform.low_rank() for c in chain]
+    if any(f is None for f in factors):
+        return None
+    terms: list[_Step] = []
+    for i, (u, v) in enumerate(factors):  # type: ignore[misc]
+        rows = v.mT.to(h.dtype)
+        for later in chain[i + 1:]:  # rows · R_{i+1} ⋯ R_k
+            rows = later.transform.apply(rows, transpose=True)
+        terms.append(_LowRank(h, rows, F.linear(u.mT.to(weight.dtype), weight)))
+    return terms
+
+
 def _through_left(rows: Tensor, chain: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
     """``rows · L_k ⋯ L_1`` for the left conditioners ``chain = [L_1, ..., L_k]``."""
     for c, d in reversed(chain):
@@ -303,49 +321,64 @@ class Conditioning(nn.Module):
         Note (folded rotations): a left conditioner with :math:`Q = I + U V^\\top`
         (``skew``, ``householder``) acts on the output ``y = Y h`` as
         ``y + U (Vᵀ Y) h``: a rank-``m`` term whose ``(m, in)`` factor :math:`V^\\top Y` is
-        pulled back through the frozen weight with small GEMMs (``m·out·in`` per step). With
-        enough tokens this is cheaper than rotating every ``(tokens, out)`` output and it
-        creates no output-sized temporaries; with few tokens (generation) the rotation is
-        applied to the outputs instead. Both are exact.
+        pulled back through the frozen weight with small GEMMs (``m·out·in`` per step).
+        Likewise right pre-stage conditioners that are all thin fold as
+        :math:`W R_1 \\cdots R_k = W + \\sum_i (W U_i)(V_i^\\top R_{i+1} \\cdots R_k)`. Every
+        such term and the update read the same activations, so they run as one stacked
+        low-rank GEMM. With enough tokens this is cheaper than rotating every activation and
+        creates no activation-sized temporaries; with few tokens (generation) the rotations
+        are applied to the activations instead. Both are exact and tested against the dense
+        form.
+
+        Note (rotate the smaller side): pre-stage right conditioners that do not fold (``block``,
+        ``givens``, ``orthogonal``, ``diag``) multiply the frozen weight, ``(W R) h``, when there
+        are more tokens than output features, and the activations, ``W (R h)``, otherwise;
+        both cost two large GEMMs per step (forward, and the gradient that reaches ``R``), the
+        rotation itself is cheaper on the smaller of ``(out, in)`` and ``(tokens, in)``.
+        The dense ``(out, in)`` product only arises for these non-preset stacks.
         """
         conditioners = self.conditioners()
         diags = self._diagonals(weight, conditioners)
         items = list(zip(conditioners, diags))
         pre, post = items[:len(self.pre)], items[len(self.pre):]
+        tokens = x.numel() // max(x.shape[-1], 1)
+        fold = tokens * _FOLD_TOKENS_PER_DIM >= min(self.out_features, self.in_features)
         h_post = x
         for c, d in reversed(post):
             if not c.is_left:
                 h_post = c.on_activations(h_post, d)
-        h_pre = h_post
-        for c, d in reversed(pre):
-            if not c.is_left:
+        right_pre = [(c, d) for c, d in pre if not c.is_left]
+        folded = _fold_right([c for c, _ in right_pre], weight, h_post) if fold else None
+        h_pre, weight_in = h_post, weight
+        if folded is None and right_pre and tokens > self.out_features:
+            for c, d in right_pre:  # Note (rotate the smaller side): W R_1 R_2 ..., dense
+                weight_in = c.on_matrix(weight_in, d)
+        elif folded is None:
+            for c, d in reversed(right_pre):
                 h_pre = c.on_activations(h_pre, d)
-        update: list[_Step] = []
-        if self.update is not None:
-            upd = self.update
-            update = [_LowRank(h_post, upd.A, upd.B.mT * upd.scaling)]
+        inputs: list[_Step] = [*(folded or []), *self._update_terms(h_post)]
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(F.linear(h_pre, weight, bias), update)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        fold = tokens * _FOLD_TOKENS_PER_DIM >= min(self.out_features, self.in_features)
+            return _run(F.linear(h_pre, weight_in, bias), inputs)
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
         def pull_back(rows: Tensor, before: list[tuple[Conditioner, Tensor | None]],
                       in_post: bool) -> Tensor:
-            """``rows · (the output chain so far)`` as rows in the input's space."""
+            """``rows · (the output chain so far)`` as rows acting on ``h_post``."""
             rows = _through_left(rows, before)
-            if not in_post:
-                return rows @ weight.to(rows.dtype)
-            out = _through_left(rows, left_pre) @ weight.to(rows.dtype)
+            through_update = None
+            if in_post:
+                if self.update is not None:
+                    upd = self.update
+                    through_update = upd.scaling * (rows @ upd.B.to(rows.dtype)) @ \
+                        upd.A.to(rows.dtype)
+                rows = _through_left(rows, left_pre)
+            out = rows @ weight.to(rows.dtype)
             for c, d in pre:  # R_pre = R_1 R_2 ...: rows · R_1 first
                 if not c.is_left:
                     out = out * d.to(out.dtype) if d is not None else \
                         c.transform.apply(out, transpose=True)
-            if self.update is not None:
-                upd = self.update
-                out = out + upd.scaling * (rows @ upd.B.to(rows.dtype)) @ upd.A.to(rows.dtype)
-            return out
+            return out if through_update is None else out + through_update
 
         def steps(chain: list[tuple[Conditioner, Tensor | None]], in_post: bool) -> list[_Step]:
             found: list[_Step] = []
@@ -358,16 +391,23 @@ class Conditioning(nn.Module):
                 elif factors is not None:
                     u, v = (f.to(x.dtype) for f in factors)
                     pulled = pull_back(v.mT.contiguous(), chain[:i], in_post)
-                    found.append(_LowRank(h_post if in_post else h_pre, pulled, u.mT))
+                    found.append(_LowRank(h_post, pulled, u.mT))
                 else:
                     found.append(_Apply(c))
             return found
 
-        chain = [*steps(left_pre, False), *update, *steps(left_post, True)]
+        update = inputs[len(folded or []):]
+        chain = [*(folded or []), *steps(left_pre, False), *update, *steps(left_post, True)]
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
-        return _run(F.linear(h_pre, weight), chain)
+        return _run(F.linear(h_pre, weight_in), chain)
+
+    def _update_terms(self, h: Tensor) -> list[_Step]:
+        if self.update is None:
+            return []
+        upd = self.update
+        return [_LowRank(h, upd.A, upd.B.mT * upd.scaling)]
 
     def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
         """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""
