@@ -1,8 +1,10 @@
 """Run the weightcond benchmark suite: ``python benchmarks/run.py [--quick] [--device cuda]``.
 
-Writes ``benchmarks/results/<device>-<dtype>[-quick].json`` (machine, versions, threads,
-date, every measurement), a PNG plot beside it, and regenerates ``benchmarks/RESULTS.md``
-from every full (non-quick) results file. Ratios are against PEFT measured in the same run.
+Writes ``<output>/<device>-<dtype>[-quick].json`` (machine, versions, threads, date, every
+measurement) and a PNG plot beside it (``--output`` defaults to ``benchmarks/results``).
+A full run regenerates ``benchmarks/RESULTS.md`` (``<output>/RESULTS.md`` for another
+output folder) from every full results file there; a quick run writes ``<tag>.md``.
+Ratios are against PEFT measured in the same run.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = [(p.stem, json.loads(p.read_text())) for p in sorted(args.output.glob("*.json"))
                 if not p.stem.endswith("-quick")]
-        (HERE / "RESULTS.md").write_text(report.markdown(runs))
-        log(f"wrote {HERE / 'RESULTS.md'}")
+        default = args.output.resolve() == (HERE / "results").resolve()
+        summary = HERE / "RESULTS.md" if default else args.output / "RESULTS.md"
+        summary.write_text(report.markdown(runs))
+        log(f"wrote {summary}")
     for target in results["targets"]:
         log(f"{'met ' if target['met'] else 'MISS'} {target['description']}: "
             f"{target['measured']:.3f} (at most {target['bound']})")

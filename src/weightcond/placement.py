@@ -33,6 +33,7 @@ computes both forms from that one ordered list:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -184,6 +185,39 @@ def _through_left(rows: Tensor, chain: list[tuple[Conditioner, Tensor | None]]) 
     return rows
 
 
+class _ScaleAdd(torch.autograd.Function):
+    """``y ⊙ d + addend`` (``d`` a vector over the last dimension, ``addend`` optional).
+
+    Note (diagonal gradient memory): autograd's ``addcmul`` backward builds two
+    ``(tokens, out)`` temporaries for the gradient of ``d``; here it is reduced over
+    token chunks, so a learnable output diagonal costs no activation-sized temporary
+    beyond the saved input."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, d: Tensor, addend: Tensor | None) -> Tensor:
+        ctx.save_for_backward(y, d)
+        ctx.addend_shape = None if addend is None else addend.shape
+        return y * d if addend is None else torch.addcmul(addend, y, d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        y, d = ctx.saved_tensors
+        grad_y = grad * d if ctx.needs_input_grad[0] else None
+        grad_d = None
+        if ctx.needs_input_grad[1]:
+            accumulate = compute_dtype(d.dtype)
+            grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
+            chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
+            for start in range(0, grad.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
+            grad_d = grad_d.to(d.dtype)
+        grad_addend = None
+        if ctx.needs_input_grad[2]:
+            grad_addend = grad.sum_to_size(ctx.addend_shape)
+        return grad_y, grad_d, grad_addend
+
+
 def _merge_low_rank(terms: list[_LowRank]) -> list[tuple[Tensor, Tensor]]:
     """``[(t, right)]`` whose ``Σ t @ right`` is the sum of ``terms``: the terms on one input
     share one GEMM (their left factors stacked), and all terms share one output GEMM."""
@@ -204,8 +238,11 @@ def _merge_low_rank(terms: list[_LowRank]) -> list[tuple[Tensor, Tensor]]:
     return [(t, right.to(t.dtype).contiguous())]
 
 
-def _run(y: Tensor, steps: list[_Step]) -> Tensor:
-    """Run the output-side ``steps`` on ``y`` (``(..., out)``), fusing where possible."""
+def _run(base: Callable[[], Tensor], steps: list[_Step]) -> Tensor:
+    """Run the output-side ``steps`` on ``y = base()`` (``(..., out)``), fusing where
+    possible. ``base`` is a callable so that no caller keeps ``y`` alive once a step has
+    replaced it (one ``(tokens, out)`` tensor less at the peak)."""
+    y = base()
     shape = y.shape
     y = y.reshape(-1, shape[-1])
     pending: Tensor | None = None
@@ -219,7 +256,7 @@ def _run(y: Tensor, steps: list[_Step]) -> Tensor:
             continue
         if isinstance(step, _Apply):
             if pending is not None:
-                y, pending = y * pending, None
+                y, pending = _ScaleAdd.apply(y, pending, None), None
             y = step.conditioner.transform.apply(y)
             i += 1
             continue
@@ -239,10 +276,10 @@ def _run(y: Tensor, steps: list[_Step]) -> Tensor:
             addend = vector
             for t, b in lowranks:
                 addend = t @ b if addend is None else torch.addmm(addend, t, b)
-            y, pending = torch.addcmul(addend, y, pending), None
+            y, pending = _ScaleAdd.apply(y, pending, addend), None
         i = j
     if pending is not None:
-        y = y * pending
+        y = _ScaleAdd.apply(y, pending, None)
     return y.view(shape)
 
 
@@ -358,7 +395,7 @@ class Conditioning(nn.Module):
                 h_pre = c.on_activations(h_pre, d)
         inputs: list[_Step] = [*(folded or []), *self._update_terms(h_post)]
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(F.linear(h_pre, weight_in, bias), inputs)
+            return _run(lambda: F.linear(h_pre, weight_in, bias), inputs)
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
@@ -401,7 +438,7 @@ class Conditioning(nn.Module):
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
-        return _run(F.linear(h_pre, weight_in), chain)
+        return _run(lambda: F.linear(h_pre, weight_in), chain)
 
     def _update_terms(self, h: Tensor) -> list[_Step]:
         if self.update is None:
