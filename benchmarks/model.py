@@ -67,7 +67,9 @@ def run(s: Settings, log: Callable[[str], None]) -> dict:
     steps, trainable = {}, {}
     for name in CANDIDATES:
         steps[name], trainable[name] = build(name, s)
-    times = interleaved_medians(steps, s)
+    # a MiniLM step is long and its spread wide: more repeats than at the layer level
+    times = interleaved_medians(steps, Settings(**{**s.__dict__,
+                                                   "repeats": s.repeats if s.quick else 21}))
     ref = times["peft_lora"]["median"]
     entry = {}
     for name, t in times.items():

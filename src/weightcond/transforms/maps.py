@@ -42,7 +42,8 @@ def _eye_like(s: Tensor) -> Tensor:
 def cayley(s: Tensor) -> Tensor:
     """Dense Cayley map :math:`(I - S/2)^{-1}(I + S/2)` (batched over leading dims)."""
     eye = _eye_like(s)
-    return torch.linalg.solve(eye - s / 2, eye + s / 2)
+    # solve_ex: I - S/2 is invertible for every skew S, and no error check means no host sync
+    return torch.linalg.solve_ex(eye - s / 2, eye + s / 2)[0]
 
 
 def matrix_exp(s: Tensor) -> Tensor:
@@ -89,5 +90,6 @@ def lowrank_core(k: Tensor, g: Tensor, map: str) -> Tensor:
     if map == "exp":
         return _phi(k @ g) @ k
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-    # M (I - G K/2) = K  <=>  (I - G K/2)ᵀ Mᵀ = Kᵀ
-    return torch.linalg.solve((eye - g @ k / 2).mT, k.mT).mT
+    # M (I - G K/2) = K  <=>  (I - G K/2)ᵀ Mᵀ = Kᵀ; always invertible (see above), so
+    # solve_ex without its error check (which would sync with the device)
+    return torch.linalg.solve_ex((eye - g @ k / 2).mT, k.mT)[0].mT

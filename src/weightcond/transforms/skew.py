@@ -61,6 +61,9 @@ class Skew(Transform):
         self.temperature = check_bool("skew", "temperature", temperature)
         self.C = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
         self.D = nn.Parameter(self.C.detach().clone())
+        eye, zero = torch.eye(rank), torch.zeros(rank, rank)
+        j = torch.cat([torch.cat([zero, eye], 1), torch.cat([-eye, zero], 1)], 0)
+        self.register_buffer("_j", j, persistent=False)  # S = P (t J) Pᵀ, P = [D, C]
 
     @property
     def is_orthogonal(self) -> bool:
@@ -80,11 +83,7 @@ class Skew(Transform):
         dtype = compute_dtype(self.C.dtype)
         p = torch.cat([self.D, self.C], dim=-1)
         p32 = p.to(dtype)
-        k = self.rank
-        eye = torch.eye(k, dtype=dtype, device=p.device)
-        zero = torch.zeros(k, k, dtype=dtype, device=p.device)
-        j = torch.cat([torch.cat([zero, eye], 1), torch.cat([-eye, zero], 1)], 0)
-        core = lowrank_core(self.scale() * j, p32.mT @ p32, self.map)
+        core = lowrank_core(self.scale() * self._j.to(dtype), p32.mT @ p32, self.map)
         return p, core
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
