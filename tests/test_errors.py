@@ -78,7 +78,8 @@ CATALOGUE = [
      r"'first_order', got 'cayly'"),
     ("dense-map", lambda layer: REG(layer, transform="block", map="cayly"),
      wc.UnknownNameError, r"register_conditioning: block: argument 'map' expected one of "
-                          r"'cayley', 'exp', 'first_order' or a callable, got 'cayly'"),
+                          r"'cayley', 'exp', 'first_order', 'cayley_neumann' or a "
+                          r"callable, got 'cayly'"),
     ("skew-rank", lambda layer: REG(layer, side="right", transform="skew", rank=11), wc.ShapeError,
      r"skew: argument 'rank' expected an int <= 10 \(the side dimension\), got 11"),
     ("temperature", lambda layer: REG(layer, transform="skew", temperature="on"), wc.OptionError,
@@ -110,7 +111,7 @@ CATALOGUE = [
      wc.OptionError, r"options \['rank'\] given with a transform object"),
     ("preset-name", lambda layer: wc.apply_preset(layer, "lorra"), wc.UnknownNameError,
      r"apply_preset: argument 'name' expected one of 'lora', 'dora', 'pre_diag', 'sora', "
-     r"got 'lorra'"),
+     r"'oft', 'hra', 'goft', got 'lorra'"),
     ("preset-option", lambda layer: wc.apply_preset(layer, "lora", rotation_rank=2),
      wc.UnknownNameError, r"apply_preset\('lora'\): unknown option 'rotation_rank'; "
                           r"expected one of 'rank', 'alpha'"),

@@ -11,6 +11,7 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 (:data:`PRESETS`).
 """
 
+from . import interop
 from .errors import (
     LayerTypeError,
     OptionError,
@@ -60,6 +61,7 @@ __all__ = [
     "delta_weight",
     "dense_forward",
     "get_update",
+    "interop",
     "is_conditioned",
     "merge",
     "register_conditioning",

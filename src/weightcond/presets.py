@@ -117,6 +117,28 @@ _preset(Preset(
               "condition_bias=True)"))
 
 
+_preset(Preset(
+    name="oft", formula="W' = W·R, R = blockdiag(cayley(S_1), …) on the input side",
+    update=False,
+    conditioners=(ConditionerSpec("pre", "right", "block", {
+        "block_size": Option("block_size"), "map": Option("map"),
+        "share": Option("block_share"), "terms": Option("neumann_terms")}),),
+    defaults={"block_size": None, "map": "cayley", "block_share": False, "neumann_terms": 5},
+    reference="Qiu et al., OFT, arXiv 2306.07280; equals PEFT OFTConfig(use_cayley_neumann="
+              "False) with our generator = 2 × PEFT's oft_R"))
+_preset(Preset(
+    name="hra", formula="W' = W·H_1⋯H_k, H_i = I − 2 u_i u_iᵀ/‖u_i‖²", update=False,
+    conditioners=(ConditionerSpec("pre", "right", "householder",
+                                  {"reflections": Option("reflections")}),),
+    defaults={"reflections": 8},
+    reference="Yuan et al., HRA, arXiv 2405.17484; equals PEFT HRAConfig(apply_GS=False)"))
+_preset(Preset(
+    name="goft", formula="W' = W·G, G = rounds of disjoint Givens rotations", update=False,
+    conditioners=(ConditionerSpec("pre", "right", "givens", {"rounds": Option("rounds")}),),
+    defaults={"rounds": None},
+    reference="Ma et al., GOFT, arXiv 2404.04316 (butterfly-stride rounds; no PEFT peer)"))
+
+
 def _resolve(value: Any, options: Mapping[str, Any]) -> Any:
     return options[value.name] if isinstance(value, Option) else value
 
@@ -130,6 +152,11 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
     * ``pre_diag``: :math:`W' = \operatorname{diag}(d) W + sBA`.
     * ``sora``: :math:`W' = Q(\operatorname{diag}(d) W + sBA)`; also ``rotation_rank=4``,
       ``map="cayley"``, ``temperature=True``.
+    * ``oft``: :math:`W' = W R`, :math:`R` block-diagonal Cayley rotations (``block_size``,
+      ``map="cayley"``, ``block_share=False``, ``neumann_terms=5`` for
+      ``map="cayley_neumann"``); no update.
+    * ``hra``: :math:`W' = W H_1 \cdots H_k` (``reflections=8``); no update.
+    * ``goft``: :math:`W' = W G`, rounds of Givens rotations (``rounds``); no update.
 
     Every preset with left conditioners also takes ``condition_bias`` (default ``False``).
     ``apply_preset(layer, "sora", map="first_order", condition_bias=True)`` computes the

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..errors import ShapeError, check_int
+from ..errors import ShapeError, check_bool, check_int
 from . import register_transform
 from .base import Transform, compute_dtype, require_plane
-from .maps import EXACT_MAPS, resolve_dense_map
+from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
 
 
 @register_transform("block")
@@ -23,21 +24,26 @@ class Block(Transform):
         Q = \operatorname{blockdiag}\bigl(\operatorname{map}(S_1), \ldots,
         \operatorname{map}(S_{n/b})\bigr), \qquad S_i = -S_i^\top \in \mathbb{R}^{b\times b},
 
-    each :math:`S_i` stored as its :math:`b(b-1)/2` upper-triangular entries, zero at init.
-    With ``map="cayley"`` on the right of :math:`W` this is OFT (Qiu et al., 2023,
-    arXiv 2306.07280). Exactly orthogonal for ``"cayley"`` and ``"exp"``; cost per token
-    :math:`O(n b)`; :math:`n (b-1)/2` parameters.
+    each :math:`S_i` stored as its :math:`b(b-1)/2` upper-triangular entries, zero at init
+    (with ``share=True`` one generator serves every block). With ``map="cayley"`` on the
+    right of :math:`W` this is OFT (Qiu et al., 2023, arXiv 2306.07280). Exactly orthogonal
+    for ``"cayley"`` and ``"exp"``; ``"cayley_neumann"`` truncates the Cayley map's Neumann
+    series after ``terms`` matrices (cheaper, approximately orthogonal). Cost per token
+    :math:`O(n b)`; :math:`n (b-1)/2` parameters (:math:`b(b-1)/2` shared).
 
     Args:
         dim: the side dimension ``n``.
         block_size: :math:`b`, at least 2, dividing ``n``. Default: the largest divisor of
             ``n`` that is at most 32.
-        map: ``"cayley"``, ``"exp"``, ``"first_order"`` or a callable on batched skew
-            matrices. Default ``"cayley"``.
+        map: ``"cayley"``, ``"exp"``, ``"first_order"``, ``"cayley_neumann"`` or a callable
+            on batched skew matrices. Default ``"cayley"``.
+        share: one generator for all blocks (PEFT's ``block_share``). Default ``False``.
+        terms: the number of Neumann terms for ``map="cayley_neumann"``. Default 5.
     """
 
     def __init__(self, dim: int, *, block_size: int | None = None,
-                 map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
+                 map: str | Callable[[Tensor], Tensor] = "cayley", share: bool = False,
+                 terms: int = 5) -> None:
         super().__init__(dim)
         require_plane("block", dim)
         if block_size is None:
@@ -48,9 +54,12 @@ class Block(Transform):
             raise ShapeError(f"block: argument 'block_size' expected a divisor of the side "
                              f"dimension {dim}, got {block_size}")
         self.map = map
-        self._map = resolve_dense_map("block", map)
+        self.share = check_bool("block", "share", share)
+        self.terms = check_int("block", "terms", terms)
+        self._map = resolve_dense_map(
+            "block", map, {"cayley_neumann": partial(cayley_neumann, terms=terms)})
         self.generator = nn.Parameter(
-            torch.zeros(dim // block_size, block_size * (block_size - 1) // 2))
+            torch.zeros(1 if share else dim // block_size, block_size * (block_size - 1) // 2))
         rows, cols = torch.triu_indices(block_size, block_size, offset=1)
         self.register_buffer("_rows", rows, persistent=False)
         self.register_buffer("_cols", cols, persistent=False)
@@ -65,7 +74,8 @@ class Block(Transform):
         g = self.generator.to(compute_dtype(self.generator.dtype))
         s = g.new_zeros(g.shape[0], b, b)
         s[:, self._rows, self._cols] = g
-        return self._map(s - s.mT)
+        q = self._map(s - s.mT)
+        return q.expand(self.dim // b, b, b) if self.share else q
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         q = self.blocks().to(h.dtype)
@@ -78,4 +88,5 @@ class Block(Transform):
         return torch.block_diag(*self.blocks()).to(self.generator.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, block_size={self.block_size}, map={self.map!r}"
+        shared = ", share=True" if self.share else ""
+        return f"dim={self.dim}, block_size={self.block_size}, map={self.map!r}{shared}"

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from ..errors import UnknownNameError
 
-__all__ = ["DENSE_MAPS", "EXACT_MAPS", "MAP_NAMES", "cayley", "first_order", "lowrank_core",
-           "matrix_exp", "resolve_dense_map"]
+__all__ = ["DENSE_MAPS", "EXACT_MAPS", "MAP_NAMES", "cayley", "cayley_neumann", "first_order",
+           "lowrank_core", "matrix_exp", "resolve_dense_map"]
 
 
 def _eye_like(s: Tensor) -> Tensor:
@@ -44,6 +44,20 @@ def cayley(s: Tensor) -> Tensor:
     eye = _eye_like(s)
     # solve_ex: I - S/2 is invertible for every skew S, and no error check means no host sync
     return torch.linalg.solve_ex(eye - s / 2, eye + s / 2)[0]
+
+
+def cayley_neumann(s: Tensor, terms: int) -> Tensor:
+    """Truncated Neumann series of the Cayley map in the library's convention,
+    :math:`(I + S/2)(I - S/2)^{-1} = I + 2\\sum_{j \\ge 1} (S/2)^j`, keeping ``terms`` matrices
+    (:math:`I` and ``terms - 1`` powers). Converges to :func:`cayley` for
+    :math:`\\|S/2\\| < 1`; not exactly orthogonal."""
+    half = s / 2
+    out = _eye_like(s).clone()
+    power = half
+    for _ in range(terms - 1):
+        out = out + 2 * power
+        power = power @ half
+    return out
 
 
 def matrix_exp(s: Tensor) -> Tensor:
@@ -62,14 +76,17 @@ EXACT_MAPS: frozenset[str] = frozenset({"cayley", "exp"})
 MAP_NAMES: tuple[str, ...] = tuple(DENSE_MAPS)
 
 
-def resolve_dense_map(where: str, map: str | Callable[[Tensor], Tensor]
+def resolve_dense_map(where: str, map: str | Callable[[Tensor], Tensor],
+                      extra: dict[str, Callable[[Tensor], Tensor]] | None = None
                       ) -> Callable[[Tensor], Tensor]:
-    """A dense map by name (``"cayley"``, ``"exp"``, ``"first_order"``) or any callable."""
+    """A dense map by name (``"cayley"``, ``"exp"``, ``"first_order"`` and any ``extra``
+    names) or any callable."""
     if callable(map):
         return map
-    if isinstance(map, str) and map in DENSE_MAPS:
-        return DENSE_MAPS[map]
-    valid = ", ".join(repr(n) for n in DENSE_MAPS)
+    names = {**DENSE_MAPS, **(extra or {})}
+    if isinstance(map, str) and map in names:
+        return names[map]
+    valid = ", ".join(repr(n) for n in names)
     raise UnknownNameError(f"{where}: argument 'map' expected one of {valid} or a callable, "
                       f"got {map!r}")
 

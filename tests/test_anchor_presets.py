@@ -1,0 +1,184 @@
+"""The existing orthogonal methods as presets: OFT and HRA equal PEFT, GOFT equals a dense
+product of plane rotations, and the Neumann approximation converges to the exact Cayley."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from peft import HRAConfig, OFTConfig, get_peft_model
+
+import weightcond as wc
+from weightcond.transforms import maps
+
+from helpers import make_layer
+
+
+class Model(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Linear) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def compare(peft_model, ours, peft_params, our_params, grad_scale: float, x) -> None:
+    """Outputs, gradients (ours × grad_scale == PEFT's) and merged weights agree."""
+    y_peft, y_ours = peft_model(x), ours(x)
+    torch.testing.assert_close(y_ours, y_peft)
+    y_peft.square().sum().backward()
+    y_ours.square().sum().backward()
+    for p_peft, p_ours in zip(peft_params, our_params):
+        torch.testing.assert_close(p_ours.grad * grad_scale, p_peft.grad)
+    merged = peft_model.merge_and_unload().proj
+    wc.merge(ours)
+    torch.testing.assert_close(ours.weight, merged.weight)
+    torch.testing.assert_close(ours.bias, merged.bias)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_oft_equals_peft_exact_cayley(share: bool) -> None:
+    base = make_layer(12, 16)
+    ours = copy.deepcopy(base)
+    peft_model = get_peft_model(Model(base), OFTConfig(
+        r=0, oft_block_size=4, target_modules=["proj"], use_cayley_neumann=False,
+        block_share=share))
+    rotation = peft_model.base_model.model.proj.oft_R["default"]
+    applied = wc.apply_preset(ours, "oft", block_size=4, block_share=share)
+    block = applied.conditioners[0].transform
+    with torch.no_grad():
+        rotation.weight.normal_(std=0.3)
+        # PEFT's (I - Q)(I + Q)⁻¹ on row vectors is our cayley(2Q) on columns
+        block.generator.copy_(2 * rotation.weight)
+    assert block.generator.shape == rotation.weight.shape
+    compare(peft_model, ours, [rotation.weight], [block.generator], 2.0,
+            torch.randn(3, 5, 16, dtype=torch.float64))
+
+
+def test_peft_neumann_path_is_the_transpose_of_its_exact_path() -> None:
+    """DESIGN §6: PEFT's Neumann OFT rotates by (approximately) the inverse of its exact
+    path, i.e. our rotation with the generator negated."""
+    base = make_layer(8, 8)
+    models = {}
+    for neumann in (False, True):
+        models[neumann] = get_peft_model(Model(copy.deepcopy(base)), OFTConfig(
+            r=0, oft_block_size=4, target_modules=["proj"], use_cayley_neumann=neumann,
+            num_cayley_neumann_terms=40))
+    vec = 0.05 * torch.randn(2, 6, dtype=torch.float64)
+    for m in models.values():
+        with torch.no_grad():
+            m.base_model.model.proj.oft_R["default"].weight.copy_(vec)
+    ours = copy.deepcopy(base)
+    block = wc.apply_preset(ours, "oft", block_size=4).conditioners[0].transform
+    with torch.no_grad():
+        block.generator.copy_(-2 * vec)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), models[True](x))
+    assert not torch.allclose(models[False](x), models[True](x), atol=1e-6)
+
+
+def test_our_neumann_converges_to_our_exact_cayley() -> None:
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(6, 6, dtype=torch.float64)  # ‖S/2‖ < 1: the series converges
+    s = x - x.T
+    exact = maps.cayley(s)
+    errors = [(maps.cayley_neumann(s, terms) - exact).abs().max().item() for terms in
+              (2, 4, 8, 16, 32)]
+    assert all(b < a for a, b in itertools.pairwise(errors))
+    assert errors[-1] < 1e-12
+
+
+def test_oft_neumann_option_builds_the_truncated_series() -> None:
+    layer = make_layer(8, 8)
+    block = wc.apply_preset(layer, "oft", block_size=4, map="cayley_neumann",
+                            neumann_terms=3).conditioners[0].transform
+    with torch.no_grad():
+        block.generator.normal_(std=0.2)
+    s = torch.zeros(2, 4, 4, dtype=torch.float64)
+    rows, cols = torch.triu_indices(4, 4, 1)
+    s[:, rows, cols] = block.generator.detach()
+    s = s - s.mT
+    expected = torch.block_diag(*maps.cayley_neumann(s, 3))
+    torch.testing.assert_close(block.matrix().detach(), expected)
+    assert not block.is_orthogonal
+
+
+def test_hra_equals_peft() -> None:
+    base = make_layer(10, 12)
+    ours = copy.deepcopy(base)
+    peft_model = get_peft_model(Model(base), HRAConfig(r=6, target_modules=["proj"]))
+    u_peft = peft_model.base_model.model.proj.hra_u["default"]
+    house = wc.apply_preset(ours, "hra", reflections=6).conditioners[0].transform
+    with torch.no_grad():
+        u_peft.normal_()
+        house.U.copy_(u_peft)
+    compare(peft_model, ours, [u_peft], [house.U], 1.0, torch.randn(4, 12, dtype=torch.float64))
+
+
+def test_goft_is_the_givens_transform_on_the_input_side() -> None:
+    layer = make_layer(6, 8)
+    w = layer.weight.clone()
+    givens = wc.apply_preset(layer, "goft").conditioners[0].transform
+    with torch.no_grad():
+        givens.angles.normal_()
+    assert givens.rounds == 3  # log2(8): every coordinate mixes with every other
+    torch.testing.assert_close(layer.weight, w @ givens.matrix())
+
+
+def peft_tensors(peft_model, names):
+    layer = peft_model.base_model.model.proj
+    out = {}
+    for name in names:
+        module = getattr(layer, name)["default"]
+        out[name] = module if isinstance(module, torch.Tensor) else module.weight
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("method, config, names, peft_options", [
+    ("lora", {"lora_alpha": 8}, ["lora_A", "lora_B"], {}),
+    ("dora", {"lora_alpha": 8}, ["lora_A", "lora_B", "lora_magnitude_vector"],
+     {"use_dora": True}),
+    ("oft", {"use_cayley_neumann": False}, ["oft_R"], {}),
+    ("oft", {"block_share": True}, ["oft_R"], {"block_share": True}),
+    ("hra", {}, ["hra_u"], {}),
+])
+def test_converter_loads_peft_tensors_with_equal_outputs(method, config, names,
+                                                         peft_options) -> None:
+    from peft import LoraConfig
+
+    base = make_layer(12, 16)
+    ours = copy.deepcopy(base)
+    if method in ("lora", "dora"):
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], **peft_options)
+    elif method == "oft":
+        cfg = OFTConfig(r=0, oft_block_size=4, target_modules=["proj"],
+                        use_cayley_neumann=False, **peft_options)
+    else:
+        cfg = HRAConfig(r=4, target_modules=["proj"])
+    peft_model = get_peft_model(Model(base), cfg)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    wc.interop.from_peft_tensors(ours, method, peft_tensors(peft_model, names), **config)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), peft_model(x))
+
+
+def test_converter_errors_leave_the_layer_alone() -> None:
+    layer = make_layer(12, 16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(wc.UnknownNameError, match=r"argument 'method' expected one of"):
+        wc.interop.from_peft_tensors(layer, "boft", {})
+    with pytest.raises(wc.OptionError, match=r"argument 'tensors' expected the keys"):
+        wc.interop.from_peft_tensors(layer, "lora", {"lora_A": torch.zeros(2, 16)})
+    with pytest.raises(wc.ShapeError, match=r"tensor 'lora_B' expected shape \(12, 2\)"):
+        wc.interop.from_peft_tensors(layer, "lora", {"lora_A": torch.zeros(2, 16),
+                                                     "lora_B": torch.zeros(11, 2)})
+    with pytest.raises(wc.UnknownNameError, match=r"unknown options \['r'\]"):
+        wc.interop.from_peft_tensors(layer, "hra", {"hra_u": torch.zeros(16, 2)}, r=2)
+    assert not wc.is_conditioned(layer) and type(layer) is torch.nn.Linear
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
