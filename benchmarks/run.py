@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="layer,transforms,model",
                         help="comma-separated subset of layer,transforms,model")
     parser.add_argument("--output", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: regenerate RESULTS.md and the plots from the "
+                             "results files in --output")
     args = parser.parse_args(argv)
+    if args.report_only:
+        return write_summary(args.output, print)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
@@ -75,15 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         (args.output / f"{tag}.md").write_text(report.markdown([(tag, results)]))
     else:
-        runs = [(p.stem, json.loads(p.read_text())) for p in sorted(args.output.glob("*.json"))
-                if not p.stem.endswith("-quick")]
-        default = args.output.resolve() == (HERE / "results").resolve()
-        summary = HERE / "RESULTS.md" if default else args.output / "RESULTS.md"
-        summary.write_text(report.markdown(runs))
-        log(f"wrote {summary}")
+        write_summary(args.output, log)
     for target in results["targets"]:
         log(f"{'met ' if target['met'] else 'MISS'} {target['description']}: "
             f"{target['measured']:.3f} (at most {target['bound']})")
+    return 0
+
+
+def write_summary(output: Path, log) -> int:
+    """RESULTS.md (beside the default results folder, else inside ``output``) and a plot per
+    results file, from every full (non-quick) results file in ``output``."""
+    runs = [(p.stem, json.loads(p.read_text())) for p in sorted(output.glob("*.json"))
+            if not p.stem.endswith("-quick")]
+    for tag, results in runs:
+        report.plot(results, output / f"{tag}.png")
+    default = output.resolve() == (HERE / "results").resolve()
+    summary = HERE / "RESULTS.md" if default else output / "RESULTS.md"
+    summary.write_text(report.markdown(runs))
+    log(f"wrote {summary} from {len(runs)} results file(s)")
     return 0
 
 

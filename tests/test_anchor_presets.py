@@ -106,12 +106,15 @@ def test_oft_neumann_option_builds_the_truncated_series() -> None:
     assert not block.is_orthogonal
 
 
-def test_hra_equals_peft() -> None:
+@pytest.mark.parametrize("gram_schmidt", [False, True])
+def test_hra_equals_peft(gram_schmidt: bool) -> None:
     base = make_layer(10, 12)
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(Model(base), HRAConfig(r=6, target_modules=["proj"]))
+    peft_model = get_peft_model(Model(base), HRAConfig(r=6, target_modules=["proj"],
+                                                       apply_GS=gram_schmidt))
     u_peft = peft_model.base_model.model.proj.hra_u["default"]
-    house = wc.apply_preset(ours, "hra", reflections=6).conditioners[0].transform
+    house = wc.apply_preset(ours, "hra", reflections=6,
+                            gram_schmidt=gram_schmidt).conditioners[0].transform
     with torch.no_grad():
         u_peft.normal_()
         house.U.copy_(u_peft)
@@ -137,6 +140,8 @@ def peft_tensors(peft_model, names):
     return {k: v.detach().clone() for k, v in out.items()}
 
 
+@pytest.mark.filterwarnings("ignore:Failed to load the CUDA extension")
+@pytest.mark.filterwarnings("ignore:Setting boft_n_butterfly_factor to 1")
 @pytest.mark.parametrize("method, config, names, peft_options", [
     ("lora", {"lora_alpha": 8}, ["lora_A", "lora_B"], {}),
     ("dora", {"lora_alpha": 8}, ["lora_A", "lora_B", "lora_magnitude_vector"],
@@ -144,6 +149,8 @@ def peft_tensors(peft_model, names):
     ("oft", {"use_cayley_neumann": False}, ["oft_R"], {}),
     ("oft", {"block_share": True}, ["oft_R"], {"block_share": True}),
     ("hra", {}, ["hra_u"], {}),
+    ("hra", {"apply_GS": True}, ["hra_u"], {"apply_GS": True}),
+    ("boft", {}, ["boft_R", "boft_s"], {}),
 ])
 def test_converter_loads_peft_tensors_with_equal_outputs(method, config, names,
                                                          peft_options) -> None:
@@ -156,8 +163,12 @@ def test_converter_loads_peft_tensors_with_equal_outputs(method, config, names,
     elif method == "oft":
         cfg = OFTConfig(r=0, oft_block_size=4, target_modules=["proj"],
                         use_cayley_neumann=False, **peft_options)
+    elif method == "boft":
+        from peft import BOFTConfig
+
+        cfg = BOFTConfig(boft_block_size=4, target_modules=["proj"])
     else:
-        cfg = HRAConfig(r=4, target_modules=["proj"])
+        cfg = HRAConfig(r=4, target_modules=["proj"], **peft_options)
     peft_model = get_peft_model(Model(base), cfg)
     with torch.no_grad():
         for p in peft_model.parameters():
@@ -172,7 +183,7 @@ def test_converter_errors_leave_the_layer_alone() -> None:
     layer = make_layer(12, 16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(wc.UnknownNameError, match=r"argument 'method' expected one of"):
-        wc.interop.from_peft_tensors(layer, "boft", {})
+        wc.interop.from_peft_tensors(layer, "vera", {})
     with pytest.raises(wc.OptionError, match=r"argument 'tensors' expected the keys"):
         wc.interop.from_peft_tensors(layer, "lora", {"lora_A": torch.zeros(2, 16)})
     with pytest.raises(wc.ShapeError, match=r"tensor 'lora_B' expected shape \(12, 2\)"):
@@ -182,3 +193,70 @@ def test_converter_errors_leave_the_layer_alone() -> None:
         wc.interop.from_peft_tensors(layer, "hra", {"hra_u": torch.zeros(16, 2)}, r=2)
     assert not wc.is_conditioned(layer) and type(layer) is torch.nn.Linear
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
+def boft_generator(d: torch.Tensor) -> torch.Tensor:
+    """Our generator from PEFT's boft_R (full blocks D): the upper triangle of D - Dᵀ."""
+    b = d.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1)
+    return (d - d.mT)[..., rows, cols]
+
+
+@pytest.mark.filterwarnings("ignore:Failed to load the CUDA extension")  # PEFT BOFT on CPU
+@pytest.mark.filterwarnings("ignore:Setting boft_n_butterfly_factor to 1")
+def test_boft_equals_peft() -> None:
+    """On CPU PEFT builds BOFT with one butterfly factor (its multi-factor path needs a CUDA
+    extension); outputs, gradients, merged weight and bias agree."""
+    from peft import BOFTConfig
+
+    base = make_layer(12, 16)
+    ours = copy.deepcopy(base)
+    peft_model = get_peft_model(Model(base), BOFTConfig(
+        boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["proj"]))
+    layer = peft_model.base_model.model.proj
+    d, scale = layer.boft_R["default"], layer.boft_s["default"]
+    applied = wc.apply_preset(ours, "boft", block_size=4)
+    butterfly, diag = (c.transform for c in applied.conditioners)
+    with torch.no_grad():
+        d.normal_(std=0.3)
+        scale.add_(0.2 * torch.randn_like(scale))
+        butterfly.generator.copy_(boft_generator(d))
+        diag.scale.copy_(scale[:, 0])
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y_peft, y_ours = peft_model(x), ours(x)
+    torch.testing.assert_close(y_ours, y_peft)
+    y_peft.square().sum().backward()
+    y_ours.square().sum().backward()
+    rows, cols = torch.triu_indices(4, 4, 1)
+    torch.testing.assert_close(butterfly.generator.grad, d.grad[..., rows, cols])
+    torch.testing.assert_close(-butterfly.generator.grad, d.grad[..., cols, rows])
+    torch.testing.assert_close(diag.scale.grad, scale.grad[:, 0])
+    merged = peft_model.merge_and_unload().proj
+    wc.merge(ours)
+    torch.testing.assert_close(ours.weight, merged.weight)
+    torch.testing.assert_close(ours.bias, merged.bias)
+
+
+@pytest.mark.parametrize("block_size, factors", [(2, 2), (2, 3), (4, 2), (2, 4)])
+def test_butterfly_equals_peft_boft_permutations_and_product(block_size, factors) -> None:
+    """Several butterfly factors against PEFT's own permutation construction and product
+    (built densely from its helpers, since its layer needs CUDA for factors > 1)."""
+    from peft.tuners.boft.layer import BOFTLayer
+
+    n = 16
+    blocks = n // block_size
+    d = 0.3 * torch.randn(factors, blocks, block_size, block_size, dtype=torch.float64)
+    eye = torch.eye(block_size, dtype=torch.float64)
+    k = 0.5 * (d - d.mT)
+    q_peft = torch.linalg.solve(eye + k, eye - k, left=False)  # PEFT's cayley_batch
+    rotation = torch.eye(n, dtype=torch.float64)
+    for i in range(factors):
+        perm = BOFTLayer.block_butterfly_perm(None, n, blocks // 2**i, block_size // 2,
+                                              factors - 1)
+        p = BOFTLayer.perm2mat(None, perm).double()
+        rotation = p @ torch.block_diag(*q_peft[i]) @ p.T @ rotation
+    ours = wc.TRANSFORMS["butterfly"](n, block_size=block_size, factors=factors).double()
+    with torch.no_grad():
+        ours.generator.copy_(boft_generator(d))
+    # PEFT rotates row vectors, x @ R; ours acts on columns: Q = Rᵀ
+    torch.testing.assert_close(ours.matrix().detach(), rotation.T)

@@ -68,8 +68,8 @@ CATALOGUE = [
     ("side", lambda layer: REG(layer, side="top", transform="diag"), wc.UnknownNameError,
      r"register_conditioning: argument 'side' expected one of 'left', 'right', got 'top'"),
     ("transform-name", lambda layer: REG(layer, transform="rotation"), wc.UnknownNameError,
-     r"register_conditioning: argument 'transform' expected one of 'block', 'diag', "
-     r"'givens', 'householder', 'magnitude', 'orthogonal', 'skew', got 'rotation'"),
+     r"register_conditioning: argument 'transform' expected one of 'block', 'butterfly', "
+     r"'diag', 'givens', 'householder', 'magnitude', 'orthogonal', 'skew', got 'rotation'"),
     ("transform-type", lambda layer: REG(layer, transform=42), wc.OptionError,
      r"register_conditioning: argument 'transform' expected a registered name \(.*\), a "
      r"Transform subclass or a Transform instance, got int"),
@@ -111,7 +111,7 @@ CATALOGUE = [
      wc.OptionError, r"options \['rank'\] given with a transform object"),
     ("preset-name", lambda layer: wc.apply_preset(layer, "lorra"), wc.UnknownNameError,
      r"apply_preset: argument 'name' expected one of 'lora', 'dora', 'pre_diag', 'sora', "
-     r"'oft', 'hra', 'goft', got 'lorra'"),
+     r"'oft', 'boft', 'hra', 'goft', got 'lorra'"),
     ("preset-option", lambda layer: wc.apply_preset(layer, "lora", rotation_rank=2),
      wc.UnknownNameError, r"apply_preset\('lora'\): unknown option 'rotation_rank'; "
                           r"expected one of 'rank', 'alpha'"),

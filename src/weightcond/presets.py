@@ -59,6 +59,8 @@ class Preset:
         conditioners: the conditioners, in registration order.
         defaults: the preset's own options and their default values.
         reference: where the method comes from.
+        peer: the PEFT configuration that computes the same function, if any.
+        differences: how the preset differs from that peer (or the paper), in words.
     """
 
     name: str
@@ -67,6 +69,19 @@ class Preset:
     conditioners: tuple[ConditionerSpec, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     reference: str = ""
+    peer: str = ""
+    differences: str = ""
+
+    def describe(self) -> str:
+        """The preset in a few lines: formula, options, reference, PEFT peer, differences."""
+        lines = [f"{self.name}: {self.formula}",
+                 "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options().items()),
+                 f"reference: {self.reference}"]
+        if self.peer:
+            lines.append(f"PEFT peer: {self.peer}")
+        if self.differences:
+            lines.append(f"differences: {self.differences}")
+        return "\n".join(lines)
 
     def options(self) -> dict[str, Any]:
         """Every option :func:`apply_preset` accepts for this preset, with its default."""
@@ -93,17 +108,23 @@ def _preset(preset: Preset) -> None:
 
 _preset(Preset(
     name="lora", formula="W' = W + s·B A", update=True, conditioners=(),
-    reference="Hu et al., LoRA, arXiv 2106.09685"))
+    reference="Hu et al., LoRA, arXiv 2106.09685", peer="LoraConfig(lora_dropout=0)",
+    differences="none in outputs, gradients or merged weight (tested); no dropout option"))
 _preset(Preset(
     name="dora", formula="W' = diag(m ⊘ ‖W + s·B A‖_row)·(W + s·B A)", update=True,
     conditioners=(ConditionerSpec("post", "left", "magnitude",
                                   {"detach_norm": Option("detach_norm"), "eps": Option("eps")}),),
     defaults={"detach_norm": True, "eps": 1e-6},
-    reference="Liu et al., DoRA, arXiv 2402.09353; equals PEFT LoraConfig(use_dora=True)"))
+    reference="Liu et al., DoRA, arXiv 2402.09353",
+    peer="LoraConfig(use_dora=True, lora_dropout=0)",
+    differences="equal outputs, gradients and merged weight (tested); the row norm has an eps "
+                "floor, so zero-norm rows stay finite where PEFT returns NaN; the norm comes "
+                "from a low-rank identity, never from the dense W + sBA"))
 _preset(Preset(
     name="pre_diag", formula="W' = diag(d)·W + s·B A", update=True,
     conditioners=(ConditionerSpec("pre", "left", "diag"),),
-    reference="Calibrating and Rotating, arXiv 2511.00051"))
+    reference="Calibrating and Rotating, arXiv 2511.00051",
+    differences="no PEFT peer; same parameter count as DoRA, no norm"))
 _preset(Preset(
     name="sora", formula="W' = Q·(diag(d)·W + s·B A), Q = map(t·(D Cᵀ − C Dᵀ))", update=True,
     conditioners=(
@@ -113,8 +134,10 @@ _preset(Preset(
                                                  "temperature": Option("temperature")}),
     ),
     defaults={"rotation_rank": 4, "map": "cayley", "temperature": True},
-    reference="Calibrating and Rotating, arXiv 2511.00051 (released code: map='first_order', "
-              "condition_bias=True)"))
+    reference="Calibrating and Rotating, arXiv 2511.00051",
+    differences="no PEFT peer; the authors' released layer is map='first_order', "
+                "condition_bias=True (I + S is not orthogonal), and its merge drops the "
+                "identity, S·(diag(d)W + sBA); ours merges Q·(diag(d)W + sBA)"))
 
 
 _preset(Preset(
@@ -124,19 +147,45 @@ _preset(Preset(
         "block_size": Option("block_size"), "map": Option("map"),
         "share": Option("block_share"), "terms": Option("neumann_terms")}),),
     defaults={"block_size": None, "map": "cayley", "block_share": False, "neumann_terms": 5},
-    reference="Qiu et al., OFT, arXiv 2306.07280; equals PEFT OFTConfig(use_cayley_neumann="
-              "False) with our generator = 2 × PEFT's oft_R"))
+    reference="Qiu et al., OFT, arXiv 2306.07280",
+    peer="OFTConfig(r=0, oft_block_size=b, use_cayley_neumann=False, block_share=...)",
+    differences="equal outputs, gradients (ours × 2) and merged weight with our generator = "
+                "2 × oft_R (PEFT's (I - Q)(I + Q)⁻¹ on rows is our cayley(2Q) on columns); "
+                "PEFT's Neumann path approximates the inverse of its exact path, ours "
+                "(map='cayley_neumann') approximates our exact Cayley; no coft/dropout"))
+_preset(Preset(
+    name="boft", formula="W' = diag(s)·W·Q, Q = Π_i P_i blockdiag(cayley(S_i,j)) P_iᵀ",
+    update=False,
+    conditioners=(
+        ConditionerSpec("pre", "right", "butterfly", {
+            "block_size": Option("block_size"), "factors": Option("butterfly_factors"),
+            "map": Option("map")}),
+        ConditionerSpec("post", "left", "diag"),
+    ),
+    defaults={"block_size": None, "butterfly_factors": 1, "map": "cayley"},
+    reference="Liu et al., BOFT, arXiv 2311.06243",
+    peer="BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m)",
+    differences="our generator is the upper triangle of boft_R − boft_Rᵀ (a skew matrix "
+                "stored once, not a full block) and the scale is boft_s; permutations are "
+                "index gathers, not dense matrices; PEFT runs m > 1 only with its CUDA "
+                "extension (tested against its own construction); no multiplicative dropout"))
 _preset(Preset(
     name="hra", formula="W' = W·H_1⋯H_k, H_i = I − 2 u_i u_iᵀ/‖u_i‖²", update=False,
-    conditioners=(ConditionerSpec("pre", "right", "householder",
-                                  {"reflections": Option("reflections")}),),
-    defaults={"reflections": 8},
-    reference="Yuan et al., HRA, arXiv 2405.17484; equals PEFT HRAConfig(apply_GS=False)"))
+    conditioners=(ConditionerSpec("pre", "right", "householder", {
+        "reflections": Option("reflections"), "gram_schmidt": Option("gram_schmidt")}),),
+    defaults={"reflections": 8, "gram_schmidt": False},
+    reference="Yuan et al., HRA, arXiv 2405.17484",
+    peer="HRAConfig(r=k, apply_GS=gram_schmidt)",
+    differences="equal outputs, gradients and merged weight (tested); applied in compact WY "
+                "form (two thin GEMMs), never as a dense in × in matrix; with gram_schmidt "
+                "the layer is not the identity at initialisation (as in PEFT)"))
 _preset(Preset(
     name="goft", formula="W' = W·G, G = rounds of disjoint Givens rotations", update=False,
     conditioners=(ConditionerSpec("pre", "right", "givens", {"rounds": Option("rounds")}),),
     defaults={"rounds": None},
-    reference="Ma et al., GOFT, arXiv 2404.04316 (butterfly-stride rounds; no PEFT peer)"))
+    reference="Ma et al., GOFT, arXiv 2404.04316",
+    differences="no PEFT peer; rounds of disjoint pairs with butterfly strides, tested "
+                "against a dense product of 2 × 2 rotations"))
 
 
 def _resolve(value: Any, options: Mapping[str, Any]) -> Any:
@@ -155,10 +204,15 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
     * ``oft``: :math:`W' = W R`, :math:`R` block-diagonal Cayley rotations (``block_size``,
       ``map="cayley"``, ``block_share=False``, ``neumann_terms=5`` for
       ``map="cayley_neumann"``); no update.
-    * ``hra``: :math:`W' = W H_1 \cdots H_k` (``reflections=8``); no update.
+    * ``boft``: :math:`W' = \operatorname{diag}(s) W Q`, :math:`Q` a butterfly product of
+      block rotations (``block_size``, ``butterfly_factors=1``, ``map="cayley"``); no update.
+    * ``hra``: :math:`W' = W H_1 \cdots H_k` (``reflections=8``, ``gram_schmidt=False``);
+      no update.
     * ``goft``: :math:`W' = W G`, rounds of Givens rotations (``rounds``); no update.
 
-    Every preset with left conditioners also takes ``condition_bias`` (default ``False``).
+    ``PRESETS[name].describe()`` gives a preset's formula, options, reference, PEFT peer and
+    the differences from it. Every preset with left conditioners also takes
+    ``condition_bias`` (default ``False``).
     ``apply_preset(layer, "sora", map="first_order", condition_bias=True)`` computes the
     authors' released layer :math:`y = (I+S)(d \odot (Wx + b) + sBAx)`.
 

@@ -11,7 +11,11 @@ The mappings, each tested for equal outputs against the installed ``peft``:
   so it maps to our ``"cayley_neumann"`` map with the generator ``-2 · oft_R`` and the same
   number of terms; the two truncations differ in the weight of the last term (PEFT gives
   it 1, ours 2), a difference of order :math:`\\|Q\\|^{\\text{terms}-1}`.
-* HRA (``apply_GS=False``): ``hra_u`` → ``U`` of the right Householder product.
+* HRA: ``hra_u`` → ``U`` of the right Householder product (``apply_GS`` → our
+  ``gram_schmidt``).
+* BOFT: ``boft_R`` (full blocks :math:`D`) → the butterfly generator, the upper triangle
+  of :math:`D - D^\top` (PEFT's Cayley of :math:`(D - D^\top)/2` on row vectors is our
+  Cayley of :math:`D - D^\top` on columns); ``boft_s`` → the output ``diag``.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from ..presets import Applied, apply_preset
 
 __all__ = ["from_peft_tensors"]
 
-_OPTIONS = {"lora": {"lora_alpha"}, "dora": {"lora_alpha"}, "hra": set(),
+_OPTIONS = {"lora": {"lora_alpha"}, "dora": {"lora_alpha"}, "hra": {"apply_GS"}, "boft": set(),
             "oft": {"oft_block_size", "block_share", "use_cayley_neumann",
                     "num_cayley_neumann_terms"}}
 _REQUIRED = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
-             "oft": ("oft_R",), "hra": ("hra_u",)}
+             "oft": ("oft_R",), "hra": ("hra_u",), "boft": ("boft_R", "boft_s")}
 
 
 def _take(tensors: Mapping[str, Tensor], method: str) -> dict[str, Tensor]:
@@ -60,13 +64,13 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
 
     Args:
         layer: the base layer (unconditioned).
-        method: ``"lora"``, ``"dora"``, ``"oft"`` or ``"hra"``.
+        method: ``"lora"``, ``"dora"``, ``"oft"``, ``"boft"`` or ``"hra"``.
         tensors: the adapter's tensors for this layer under PEFT's names without the adapter
             name (``lora_A``/``lora_B`` as the ``(r, in)``/``(out, r)`` weights,
-            ``lora_magnitude_vector``, ``oft_R``, ``hra_u``).
+            ``lora_magnitude_vector``, ``oft_R``, ``boft_R``, ``boft_s``, ``hra_u``).
         **config: PEFT's options: ``lora_alpha`` (LoRA/DoRA); ``oft_block_size`` (inferred
             from ``oft_R`` when omitted), ``block_share``, ``use_cayley_neumann``,
-            ``num_cayley_neumann_terms`` (OFT).
+            ``num_cayley_neumann_terms`` (OFT); ``apply_GS`` (HRA).
 
     Raises:
         weightcond.WeightcondError: unknown method or options, missing or extra tensors,
@@ -125,6 +129,16 @@ def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[
         _copy(where, "oft_R", applied.conditioners[0].transform.generator,
               sign * given["oft_R"])
         return applied
-    applied = apply_preset(layer, "hra", reflections=given["hra_u"].shape[1])
+    if method == "boft":
+        d = given["boft_R"]  # (factors, blocks, b, b), PEFT's full blocks
+        b = d.shape[-1]
+        rows, cols = torch.triu_indices(b, b, 1)
+        applied = apply_preset(layer, "boft", block_size=b, butterfly_factors=d.shape[0])
+        butterfly, scale = (c.transform for c in applied.conditioners)
+        _copy(where, "boft_R", butterfly.generator, (d - d.mT)[..., rows, cols])
+        _copy(where, "boft_s", scale.scale, given["boft_s"].reshape(-1))
+        return applied
+    applied = apply_preset(layer, "hra", reflections=given["hra_u"].shape[1],
+                           gram_schmidt=config.get("apply_GS", False))
     _copy(where, "hra_u", applied.conditioners[0].transform.U, given["hra_u"])
     return applied

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from ..registry import Registry
 from .base import Transform, compute_dtype
 
-__all__ = ["TRANSFORMS", "Block", "Diag", "Givens", "Householder", "Magnitude", "Orthogonal",
-           "Skew", "Transform", "compute_dtype", "register_transform"]
+__all__ = ["TRANSFORMS", "Block", "Butterfly", "Diag", "Givens", "Householder", "Magnitude",
+           "Orthogonal", "Skew", "Transform", "compute_dtype", "register_transform"]
 
 TRANSFORMS: Registry[type[Transform]] = Registry("transform")
 
@@ -32,6 +32,7 @@ def register_transform(name: str) -> Callable[[type[Transform]], type[Transform]
 
 
 from .block import Block
+from .butterfly import Butterfly
 from .diag import Diag
 from .givens import Givens
 from .householder import Householder

@@ -15,6 +15,26 @@ from .base import Transform, compute_dtype, require_plane
 from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
 
 
+def skew_blocks(generator: Tensor, block_size: int, map: Callable[[Tensor], Tensor]) -> Tensor:
+    """``map(S_i)`` for skew ``S_i`` whose upper triangles are the rows of ``generator``
+    (``(..., b(b-1)/2)`` → ``(..., b, b)``), computed in the solve dtype."""
+    g = generator.to(compute_dtype(generator.dtype))
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=g.device)
+    s = g.new_zeros(*g.shape[:-1], block_size, block_size)
+    s[..., rows, cols] = g
+    return map(s - s.mT)
+
+
+def rotate_blocks(h: Tensor, q: Tensor, *, transpose: bool = False) -> Tensor:
+    """Multiply consecutive blocks of the last dimension of ``h`` by the matrices ``q``
+    (``(n/b, b, b)``): :math:`Q_j h_j`, or :math:`Q_j^\\top h_j` with ``transpose``."""
+    q = q.to(h.dtype)
+    hb = rearrange(h, "... (j b) -> ... j b", b=q.shape[-1])
+    # (Q h)_c = Σ_b Q[c, b] h_b ; (Qᵀ h)_c = Σ_b Q[b, c] h_b
+    out = torch.einsum("...jb,jbc->...jc" if transpose else "...jb,jcb->...jc", hb, q)
+    return rearrange(out, "... j b -> ... (j b)")
+
+
 @register_transform("block")
 class Block(Transform):
     r"""Rotate each block of ``block_size`` consecutive coordinates independently (OFT).
@@ -60,9 +80,6 @@ class Block(Transform):
             "block", map, {"cayley_neumann": partial(cayley_neumann, terms=terms)})
         self.generator = nn.Parameter(
             torch.zeros(1 if share else dim // block_size, block_size * (block_size - 1) // 2))
-        rows, cols = torch.triu_indices(block_size, block_size, offset=1)
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
 
     @property
     def is_orthogonal(self) -> bool:
@@ -70,19 +87,12 @@ class Block(Transform):
 
     def blocks(self) -> Tensor:
         """The rotations, shape ``(n/b, b, b)``, in the solve dtype."""
+        q = skew_blocks(self.generator, self.block_size, self._map)
         b = self.block_size
-        g = self.generator.to(compute_dtype(self.generator.dtype))
-        s = g.new_zeros(g.shape[0], b, b)
-        s[:, self._rows, self._cols] = g
-        q = self._map(s - s.mT)
         return q.expand(self.dim // b, b, b) if self.share else q
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
-        q = self.blocks().to(h.dtype)
-        hb = rearrange(h, "... (j b) -> ... j b", b=self.block_size)
-        # (Q h)_c = Σ_b Q[c, b] h_b ; (Qᵀ h)_c = Σ_b Q[b, c] h_b
-        out = torch.einsum("...jb,jbc->...jc" if transpose else "...jb,jcb->...jc", hb, q)
-        return rearrange(out, "... j b -> ... (j b)")
+        return rotate_blocks(h, self.blocks(), transpose=transpose)
 
     def matrix(self) -> Tensor:
         return torch.block_diag(*self.blocks()).to(self.generator.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import OptionError, check_int
+from ..errors import OptionError, check_bool, check_int
 from . import register_transform
 from .base import Transform, compute_dtype, require_plane
 
@@ -26,13 +26,21 @@ class Householder(Transform):
     HRA, Yuan et al., 2024, arXiv 2405.17484), and an even product has det +1. Exactly
     orthogonal. :math:`n k` parameters.
 
+    With ``gram_schmidt=True`` the vectors are orthonormalised in order first (Gram–Schmidt,
+    as PEFT's ``HRAConfig(apply_GS=True)``), giving :math:`Q = I - 2 V V^\top`; then no
+    initialisation is the identity (a product of reflections through orthonormal directions
+    never is), so this option is for reproducing or loading such adapters: its vectors start
+    random and the layer changes when it is registered.
+
     Args:
         dim: the side dimension ``n``.
         reflections: :math:`k`, even, between 2 and ``n``. Default 8 (or the largest even
             number ``<= n``).
+        gram_schmidt: orthonormalise the vectors first (see above). Default ``False``.
     """
 
-    def __init__(self, dim: int, *, reflections: int | None = None) -> None:
+    def __init__(self, dim: int, *, reflections: int | None = None,
+                 gram_schmidt: bool = False) -> None:
         super().__init__(dim)
         require_plane("householder", dim)
         if reflections is None:
@@ -43,8 +51,12 @@ class Householder(Transform):
             raise OptionError(f"householder: argument 'reflections' expected an even int (an "
                               f"odd product of reflections has det -1 and is never the "
                               f"identity), got {reflections}")
-        u = torch.randn(dim, reflections // 2)
-        self.U = nn.Parameter(u.repeat_interleave(2, dim=1))
+        self.gram_schmidt = check_bool("householder", "gram_schmidt", gram_schmidt)
+        if gram_schmidt:  # paired vectors would be degenerate under Gram–Schmidt
+            self.U = nn.Parameter(torch.randn(dim, reflections))
+        else:
+            u = torch.randn(dim, reflections // 2)
+            self.U = nn.Parameter(u.repeat_interleave(2, dim=1))
 
     @property
     def is_orthogonal(self) -> bool:
@@ -53,8 +65,12 @@ class Householder(Transform):
     def wy(self) -> tuple[Tensor, Tensor]:
         """``(V, T)`` of the compact WY form :math:`Q = I - V T V^\\top`, in the solve dtype."""
         u = self.U.to(compute_dtype(self.U.dtype))
-        v = u / torch.linalg.vector_norm(u, dim=0, keepdim=True).clamp_min(
-            torch.finfo(u.dtype).tiny)
+        if self.gram_schmidt:  # Gram–Schmidt in order is the QR factor with diag(R) > 0
+            q, r = torch.linalg.qr(u)
+            v = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+        else:
+            v = u / torch.linalg.vector_norm(u, dim=0, keepdim=True).clamp_min(
+                torch.finfo(u.dtype).tiny)
         eye = torch.eye(self.reflections, dtype=u.dtype, device=u.device)
         t_inv = torch.triu(v.mT @ v, diagonal=1) + eye / 2
         return v, torch.linalg.solve_triangular(t_inv, eye, upper=True)
@@ -64,4 +80,5 @@ class Householder(Transform):
         return -v, v @ t.mT  # I - V T Vᵀ = I + U Wᵀ with U = -V, W = V Tᵀ
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, reflections={self.reflections}"
+        gs = ", gram_schmidt=True" if self.gram_schmidt else ""
+        return f"dim={self.dim}, reflections={self.reflections}{gs}"
