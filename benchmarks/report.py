@@ -56,8 +56,7 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
         peft = entry["peft_oft_b32"]["time_s"]["median"]
         floor = entry["floor_fwd_input_grad"]["time_s"]["median"]
         gemm = 2 * 2 * tokens * out_f * in_f / 1e9
-        rotated_rows = out_f if tokens > out_f else tokens
-        rotation = 3 * 2 * rotated_rows * in_f * 32 / 1e9
+        rotation = 3 * 2 * tokens * in_f * 32 / 1e9
         target = 0.9 * peft
         verdict = ("below the floor: out of reach" if target < floor else
                    f"{(target - floor) * 1e3:.1f} ms above the floor for the rotation, its "
@@ -68,8 +67,8 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
             f"2 × 2·{tokens}·{out_f}·{in_f} = {gemm:.1f} GFLOP, measured here as the floor "
             f"{floor * 1e3:.1f} ms = {floor / peft:.3f} × PEFT OFT. The 32-blocks rotation adds "
             f"about {rotation:.2f} GFLOP (forward and two backward products on the "
-            f"{'weight' if tokens > out_f else 'activations'}, {rotation / gemm:.1%} of the "
-            f"GEMMs). Ours takes {ours * 1e3:.1f} ms = {ours / floor:.3f} × the floor, PEFT OFT "
+            f"activations, {rotation / gemm:.1%} of the GEMMs). Ours takes "
+            f"{ours * 1e3:.1f} ms = {ours / floor:.3f} × the floor, PEFT OFT "
             f"{peft * 1e3:.1f} ms = {peft / floor:.3f} × the floor; 0.90 × PEFT OFT would be "
             f"{target * 1e3:.1f} ms, {verdict}.")
     if notes:

@@ -257,10 +257,10 @@ def test_inference_mode_then_training_with_attached_norm() -> None:
     [("householder", "pre", "right"), ("orthogonal", "pre", "right"), ("skew", "post", "left"),
      ("diag", "post", "right")],
     [("householder", "pre", "right"), ("skew", "pre", "right"), ("magnitude", "post", "left")],
-], ids=["weight-side", "mixed-weight-side", "right-folded"])
-def test_rotating_the_weight_or_the_activations_agree_with_dense(stack, tokens: int) -> None:
-    """Right conditioners rotate the weight with many tokens and the activations with few
-    (Note (rotate the smaller side)); thin ones fold. All must equal the dense form."""
+], ids=["unfolded", "mixed", "right-folded"])
+def test_right_stacks_folded_or_not_agree_with_dense(stack, tokens: int) -> None:
+    """Thin right conditioners fold with many tokens (Note (folded rotations)), others act
+    on the activations; all must equal the dense form."""
     layer = condition(make_layer(24, 20), stack, condition_bias=True)
     randomize(layer)
     check_dense_equals_matrix_free(layer, torch.randn(tokens, 20, dtype=torch.float64))

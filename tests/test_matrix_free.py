@@ -1,5 +1,5 @@
 """The fast path is really matrix-free: no tensor of ``out × in`` elements (or more) is
-created during forward and backward of the four paper presets."""
+created during forward and backward of the paper's presets and the anchor presets."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ OUT, IN, TOKENS = 48, 40, 8
 
 CASES = [("lora", {}), ("dora", {}), ("dora", {"detach_norm": False}), ("pre_diag", {}),
          ("sora", {}), ("sora", {"map": "first_order", "condition_bias": True}),
-         ("sora", {"map": "exp"})]
+         ("sora", {"map": "exp"}), ("oft", {"block_size": 8}), ("boft", {"block_size": 4,
+         "butterfly_factors": 2}), ("hra", {"reflections": 4}), ("goft", {})]
 
 
 @pytest.mark.parametrize("tokens", [TOKENS, 2])
@@ -47,7 +48,9 @@ CASES = [("lora", {}), ("dora", {}), ("dora", {"detach_norm": False}), ("pre_dia
 def test_no_out_by_in_tensor_in_forward_and_backward(preset: str, options, bias: bool,
                                                       tokens: int) -> None:
     layer = make_layer(OUT, IN, bias=bias, dtype=torch.float32)
-    wc.apply_preset(layer, preset, rank=4, **options)
+    if wc.PRESETS[preset].update:
+        options = {"rank": 4, **options}
+    wc.apply_preset(layer, preset, **options)
     randomize(layer)
     x = torch.randn(tokens, IN, requires_grad=True)
     with LargestNewTensor() as record:

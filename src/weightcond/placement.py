@@ -366,13 +366,6 @@ class Conditioning(nn.Module):
         creates no activation-sized temporaries; with few tokens (generation) the rotations
         are applied to the activations instead. Both are exact and tested against the dense
         form.
-
-        Note (rotate the smaller side): pre-stage right conditioners that do not fold (``block``,
-        ``givens``, ``orthogonal``, ``diag``) multiply the frozen weight, ``(W R) h``, when there
-        are more tokens than output features, and the activations, ``W (R h)``, otherwise;
-        both cost two large GEMMs per step (forward, and the gradient that reaches ``R``), the
-        rotation itself is cheaper on the smaller of ``(out, in)`` and ``(tokens, in)``.
-        The dense ``(out, in)`` product only arises for these non-preset stacks.
         """
         conditioners = self.conditioners()
         diags = self._diagonals(weight, conditioners)
@@ -386,16 +379,13 @@ class Conditioning(nn.Module):
                 h_post = c.on_activations(h_post, d)
         right_pre = [(c, d) for c, d in pre if not c.is_left]
         folded = _fold_right([c for c, _ in right_pre], weight, h_post) if fold else None
-        h_pre, weight_in = h_post, weight
-        if folded is None and right_pre and tokens > self.out_features:
-            for c, d in right_pre:  # Note (rotate the smaller side): W R_1 R_2 ..., dense
-                weight_in = c.on_matrix(weight_in, d)
-        elif folded is None:
+        h_pre = h_post
+        if folded is None:
             for c, d in reversed(right_pre):
                 h_pre = c.on_activations(h_pre, d)
         inputs: list[_Step] = [*(folded or []), *self._update_terms(h_post)]
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(lambda: F.linear(h_pre, weight_in, bias), inputs)
+            return _run(lambda: F.linear(h_pre, weight, bias), inputs)
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
@@ -438,7 +428,7 @@ class Conditioning(nn.Module):
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
-        return _run(lambda: F.linear(h_pre, weight_in), chain)
+        return _run(lambda: F.linear(h_pre, weight), chain)
 
     def _update_terms(self, h: Tensor) -> list[_Step]:
         if self.update is None:
