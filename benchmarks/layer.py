@@ -80,6 +80,8 @@ CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
     "peft_lora": (_peft("LoraConfig"), "peer"),
     "peft_dora": (_peft("LoraConfig", use_dora=True), "peer"),
     "peft_oft_b32": (_peft("OFTConfig", r=0, oft_block_size=32), "peer"),
+    "peft_oft_b32_exact": (_peft("OFTConfig", r=0, oft_block_size=32,
+                                 use_cayley_neumann=False), "peer"),
     "peft_hra_r8": (_peft("HRAConfig", r=8), "peer"),
     "full_finetune": (_full, "peer"),
     "floor_fwd_input_grad": (_floor, "floor"),
@@ -90,6 +92,7 @@ CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
     "sora_exp": (_preset("sora", map="exp"), "ours"),
     "sora_first_order": (_preset("sora", map="first_order"), "ours"),
     "block_b32": (_right("block", block_size=32), "ours"),
+    "block_b32_neumann": (_right("block", block_size=32, map="cayley_neumann"), "ours"),
     "householder_k8": (_right("householder", reflections=8), "ours"),
     "givens": (_right("givens"), "ours"),
 }
