@@ -168,16 +168,15 @@ def _fold_right(chain: list[Conditioner], weight: Tensor, h: Tensor) -> list[_St
         return None
     terms: list[_Step] = []
     for i, (u, v) in enumerate(factors):  # type: ignore[misc]
-        rows = v.mT.to(h.dtype)
-        for later in chain[i + 1:]:  # rows · R_{i+1} ⋯ R_k
-            rows = later.transform.apply(rows, transpose=True)
+        rows = _rows_times(v.mT.to(h.dtype), [(c, None) for c in chain[i + 1:]])
         terms.append(_LowRank(h, rows, F.linear(u.mT.to(weight.dtype), weight)))
     return terms
 
 
-def _through_left(rows: Tensor, chain: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
-    """``rows · L_k ⋯ L_1`` for the left conditioners ``chain = [L_1, ..., L_k]``."""
-    for c, d in reversed(chain):
+def _rows_times(rows: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
+    """``rows · M_1 ⋯ M_k`` for the conditioners ``items`` in that order (with their
+    norm-tied diagonals, if any): a right chain as registered, a left chain reversed."""
+    for c, d in items:
         if d is None and c.transform.is_diagonal:
             d = c.transform.diagonal()
         rows = rows * d.to(rows.dtype) if d is not None else c.transform.apply(rows,
@@ -383,28 +382,25 @@ class Conditioning(nn.Module):
         if folded is None:
             for c, d in reversed(right_pre):
                 h_pre = c.on_activations(h_pre, d)
-        inputs: list[_Step] = [*(folded or []), *self._update_terms(h_post)]
+        folded_terms: list[_Step] = list(folded or [])
+        update = self._update_terms(h_post)
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(lambda: F.linear(h_pre, weight, bias), inputs)
+            return _run(lambda: F.linear(h_pre, weight, bias), [*folded_terms, *update])
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
         def pull_back(rows: Tensor, before: list[tuple[Conditioner, Tensor | None]],
                       in_post: bool) -> Tensor:
             """``rows · (the output chain so far)`` as rows acting on ``h_post``."""
-            rows = _through_left(rows, before)
+            rows = _rows_times(rows, before[::-1])
             through_update = None
             if in_post:
                 if self.update is not None:
                     upd = self.update
                     through_update = upd.scaling * (rows @ upd.B.to(rows.dtype)) @ \
                         upd.A.to(rows.dtype)
-                rows = _through_left(rows, left_pre)
-            out = rows @ weight.to(rows.dtype)
-            for c, d in pre:  # R_pre = R_1 R_2 ...: rows · R_1 first
-                if not c.is_left:
-                    out = out * d.to(out.dtype) if d is not None else \
-                        c.transform.apply(out, transpose=True)
+                rows = _rows_times(rows, left_pre[::-1])
+            out = _rows_times(rows @ weight.to(rows.dtype), right_pre)
             return out if through_update is None else out + through_update
 
         def steps(chain: list[tuple[Conditioner, Tensor | None]], in_post: bool) -> list[_Step]:
@@ -423,8 +419,7 @@ class Conditioning(nn.Module):
                     found.append(_Apply(c))
             return found
 
-        update = inputs[len(folded or []):]
-        chain = [*(folded or []), *steps(left_pre, False), *update, *steps(left_post, True)]
+        chain = [*folded_terms, *steps(left_pre, False), *update, *steps(left_post, True)]
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
