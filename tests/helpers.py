@@ -45,3 +45,14 @@ def make_layer(out_features: int = 12, in_features: int = 10, *, bias: bool = Tr
 
 def trainable(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+
+
+class Wrapped(nn.Module):
+    """A model holding one layer named ``proj`` (what PEFT's ``target_modules`` matches)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)

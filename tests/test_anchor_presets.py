@@ -13,16 +13,7 @@ from peft import HRAConfig, OFTConfig, get_peft_model
 import weightcond as wc
 from weightcond.transforms import maps
 
-from helpers import make_layer
-
-
-class Model(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Linear) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+from helpers import Wrapped, make_layer
 
 
 def compare(peft_model, ours, peft_params, our_params, grad_scale: float, x) -> None:
@@ -43,7 +34,7 @@ def compare(peft_model, ours, peft_params, our_params, grad_scale: float, x) -> 
 def test_oft_equals_peft_exact_cayley(share: bool) -> None:
     base = make_layer(12, 16)
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(Model(base), OFTConfig(
+    peft_model = get_peft_model(Wrapped(base), OFTConfig(
         r=0, oft_block_size=4, target_modules=["proj"], use_cayley_neumann=False,
         block_share=share))
     rotation = peft_model.base_model.model.proj.oft_R["default"]
@@ -64,7 +55,7 @@ def test_peft_neumann_path_is_the_transpose_of_its_exact_path() -> None:
     base = make_layer(8, 8)
     models = {}
     for neumann in (False, True):
-        models[neumann] = get_peft_model(Model(copy.deepcopy(base)), OFTConfig(
+        models[neumann] = get_peft_model(Wrapped(copy.deepcopy(base)), OFTConfig(
             r=0, oft_block_size=4, target_modules=["proj"], use_cayley_neumann=neumann,
             num_cayley_neumann_terms=40))
     vec = 0.05 * torch.randn(2, 6, dtype=torch.float64)
@@ -110,7 +101,7 @@ def test_oft_neumann_option_builds_the_truncated_series() -> None:
 def test_hra_equals_peft(gram_schmidt: bool) -> None:
     base = make_layer(10, 12)
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(Model(base), HRAConfig(r=6, target_modules=["proj"],
+    peft_model = get_peft_model(Wrapped(base), HRAConfig(r=6, target_modules=["proj"],
                                                        apply_GS=gram_schmidt))
     u_peft = peft_model.base_model.model.proj.hra_u["default"]
     house = wc.apply_preset(ours, "hra", reflections=6,
@@ -169,7 +160,7 @@ def test_converter_loads_peft_tensors_with_equal_outputs(method, config, names,
         cfg = BOFTConfig(boft_block_size=4, target_modules=["proj"])
     else:
         cfg = HRAConfig(r=4, target_modules=["proj"], **peft_options)
-    peft_model = get_peft_model(Model(base), cfg)
+    peft_model = get_peft_model(Wrapped(base), cfg)
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -211,7 +202,7 @@ def test_boft_equals_peft() -> None:
 
     base = make_layer(12, 16)
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(Model(base), BOFTConfig(
+    peft_model = get_peft_model(Wrapped(base), BOFTConfig(
         boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["proj"]))
     layer = peft_model.base_model.model.proj
     d, scale = layer.boft_R["default"], layer.boft_s["default"]

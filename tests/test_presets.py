@@ -10,23 +10,14 @@ from peft import LoraConfig, get_peft_model
 
 import weightcond as wc
 
-from helpers import PRESET_NAMES, make_layer, randomize
-
-
-class Model(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Linear) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+from helpers import PRESET_NAMES, Wrapped, make_layer, randomize
 
 
 def peft_pair(use_dora: bool, *, bias: bool = True, seed: int = 0):
     """A PEFT LoRA/DoRA layer and a weightcond layer with the same (random, non-zero) values."""
     base = make_layer(20, 16, bias=bias, seed=seed)
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(Model(base), LoraConfig(
+    peft_model = get_peft_model(Wrapped(base), LoraConfig(
         r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0, use_dora=use_dora))
     peft_layer = peft_model.base_model.model.proj
     applied = wc.apply_preset(ours, "dora" if use_dora else "lora", rank=4, alpha=8)
