@@ -148,6 +148,9 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
                 lines.append(f"| {name} | " + " | ".join(cells) +
                              f" | {tr['slopes'].get(name, float('nan')):.2f} |")
             lines.append("")
+            for n, skipped in tr.get("skipped", {}).items():
+                lines += [f"- n={n}: {name} not run ({reason})" for name, reason in
+                          skipped.items()]
         if "model" in res:
             m = res["model"]
             lines += [f"### Model: MiniLM, batch {m['batch']} × {m['length']}, targets "

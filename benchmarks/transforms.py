@@ -77,6 +77,7 @@ def _step(apply: Callable[[torch.Tensor], torch.Tensor], params: list, h: torch.
 
 def run(s: Settings, dims: list[int], log: Callable[[str], None]) -> dict:
     results: dict[str, dict] = {}
+    not_run: dict[str, dict[str, str]] = {}
     for n in dims:
         h = torch.randn(TOKENS, n, device=s.device, dtype=s.torch_dtype)
         grad = torch.randn_like(h)
@@ -85,16 +86,28 @@ def run(s: Settings, dims: list[int], log: Callable[[str], None]) -> dict:
             spec = dict(spec)
             t = wc.TRANSFORMS[spec.pop("transform")](n, **spec).to(s.device, s.torch_dtype)
             steps[name] = _step(t.apply, list(t.parameters()), h, grad)
+        skipped = {}
         for name, make in DENSE.items():
-            if n <= DENSE_LIMITS[name]:
+            if n > DENSE_LIMITS[name]:
+                continue
+            try:  # a peer may not support the dtype on this device (torch's QR in bf16 on CPU)
                 matrix, params = make(n, s)
-                steps[name] = _step(lambda x, m=matrix: x @ m().mT, params, h, grad)
+                step = _step(lambda x, m=matrix: x @ m().mT, params, h, grad)
+                step()
+            except (NotImplementedError, RuntimeError) as error:
+                skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                continue
+            steps[name] = step
         times = interleaved_medians(steps, Settings(**{**s.__dict__,
                                                         "repeats": max(3, s.repeats // 2)}))
         results[str(n)] = {name: t for name, t in times.items()}
+        for name, reason in skipped.items():
+            log(f"transforms n={n}: {name} skipped ({reason})")
+        if skipped:
+            not_run[str(n)] = skipped
         log(f"transforms n={n}: " + ", ".join(f"{k} {v['median'] * 1e3:.2f}ms"
                                               for k, v in times.items()))
-    return {"tokens": TOKENS, "times": results, "slopes": slopes(results)}
+    return {"tokens": TOKENS, "times": results, "slopes": slopes(results), "skipped": not_run}
 
 
 def slopes(results: dict[str, dict]) -> dict[str, float]:
