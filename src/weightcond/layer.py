@@ -168,6 +168,12 @@ def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | Non
                          dtype=weight.dtype, device=weight.device)
 
 
+def _attach_update(layer: nn.Module, update: LowRankUpdate) -> None:
+    conditioning = _conditioning_for(layer)
+    _attach(layer, conditioning)
+    conditioning.update = update
+
+
 def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
                     ) -> LowRankUpdate:
     r"""Add the low-rank update :math:`\Delta W = (\alpha/r)\,B A` to ``layer``.
@@ -196,9 +202,7 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
         ((2, 8), (6, 2), 2.0)
     """
     update = _build_update(layer, "register_update", rank=rank, alpha=alpha)
-    conditioning = _conditioning_for(layer)
-    _attach(layer, conditioning)
-    conditioning.update = update
+    _attach_update(layer, update)
     return update
 
 
@@ -269,18 +273,17 @@ def _check_transform(transform: Transform, weight: Tensor, where: str) -> None:
     ``forward``: it must keep the shape of vectors and batches of vectors."""
     name = type(transform).__name__
     with torch.no_grad():
-        for probe in (weight.new_zeros(transform.dim), weight.new_zeros(2, transform.dim)):
-            if transform.norm_tied:
-                got = transform.diagonal(weight.new_ones(transform.dim)).shape
-                expected: tuple[int, ...] = (transform.dim,)
-                what = "diagonal(norms)"
-            else:
-                got = transform.apply(probe).shape
-                expected = tuple(probe.shape)
-                what = f"apply() of a {tuple(probe.shape)} input"
-            if tuple(got) != expected:
-                raise ShapeError(f"{where}: argument 'transform' expected a transform whose "
-                                 f"{what} has shape {expected}, got {tuple(got)} from {name}")
+        if transform.norm_tied:
+            ones = weight.new_ones(transform.dim)
+            checks = [("diagonal(norms)", ones.shape, transform.diagonal(ones).shape)]
+        else:
+            probes = (weight.new_zeros(transform.dim), weight.new_zeros(2, transform.dim))
+            checks = [(f"apply() of a {tuple(p.shape)} input", p.shape, transform.apply(p).shape)
+                      for p in probes]
+    for what, expected, got in checks:
+        if tuple(got) != tuple(expected):
+            raise ShapeError(f"{where}: argument 'transform' expected a transform whose {what} "
+                             f"has shape {tuple(expected)}, got {tuple(got)} from {name}")
 
 
 def _attach_conditioner(layer: nn.Module, conditioner: Conditioner) -> None:

@@ -428,8 +428,7 @@ class Conditioning(nn.Module):
     def _update_terms(self, h: Tensor) -> list[_Step]:
         if self.update is None:
             return []
-        upd = self.update
-        return [_LowRank(h, upd.A, upd.B.mT * upd.scaling)]
+        return [_LowRank(h, *self.update.factors())]
 
     def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
         """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""

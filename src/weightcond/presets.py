@@ -17,11 +17,10 @@ from torch import nn
 
 from .errors import UnknownNameError, check_bool
 from .layer import (
-    _attach,
     _attach_conditioner,
+    _attach_update,
     _build_conditioner,
     _build_update,
-    _conditioning_for,
 )
 from .placement import Conditioner
 from .registry import Registry
@@ -246,9 +245,7 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
         for spec in preset.conditioners
     ]
     if update is not None:
-        conditioning = _conditioning_for(layer)
-        _attach(layer, conditioning)
-        conditioning.update = update
+        _attach_update(layer, update)
     for conditioner in built:
         _attach_conditioner(layer, conditioner)
     return Applied(update, tuple(built))

@@ -50,19 +50,21 @@ class LowRankUpdate(nn.Module):
         """The scale :math:`s = \\alpha / r`."""
         return self.alpha / self.rank
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, (s·B)ᵀ)``, shapes ``(rank, in)`` and ``(rank, out)``: the update is
+        ``x ↦ (x Aᵀ)(s·B)ᵀ`` (the form the layer's fast forward stacks with other low-rank
+        terms)."""
+        return self.A, self.B.mT * self.scaling
+
     def matrix(self) -> Tensor:
         """The dense update :math:`s\\,BA`, shape ``(out, in)``."""
-        return (self.B * self.scaling) @ self.A
-
-    def factor(self, x: Tensor) -> Tensor:
-        """:math:`s\\,A x` along the last dimension of ``x`` (``(..., rank)``), so that the
-        update's output is ``F.linear(factor, B)``; the scale sits on the rank-sized tensor,
-        the cheapest place for it."""
-        return F.linear(x, self.A) * self.scaling
+        left, right = self.factors()
+        return right.mT @ left
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply :math:`s\\,BA` to the last dimension of ``x`` without forming ``(out, in)``."""
-        return F.linear(self.factor(x), self.B)
+        left, right = self.factors()
+        return F.linear(x, left) @ right
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}"
