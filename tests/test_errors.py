@@ -51,7 +51,8 @@ CATALOGUE = [
     # (id, call on a layer (out=12, in=10), error type, message regex)
     ("layer-type", lambda layer: wc.register_update(torch.nn.Conv1d(3, 3, 1), rank=1),
      wc.LayerTypeError,
-     r"register_update: argument 'layer' expected one of \(torch\.nn\.Linear\), got Conv1d"),
+     r"register_update: argument 'layer' expected one of \(torch\.nn\.Linear, transformers' "
+     r"Conv1D \(GPT-2\), torch\.nn\.Conv2d\), got Conv1d"),
     ("rank-zero", lambda layer: wc.register_update(layer, rank=0), wc.OptionError,
      r"register_update: argument 'rank' expected an int >= 1, got 0"),
     ("rank-type", lambda layer: wc.register_update(layer, rank="4"), wc.OptionError,
@@ -126,9 +127,10 @@ CATALOGUE = [
      r"argument 'transform' expected a transform whose apply\(\) of a \(12,\) input has "
      r"shape \(12,\), got \(11,\) from Truncating"),
     ("merge-plain", lambda layer: wc.merge(torch.nn.Linear(2, 2)), wc.StateError,
-     r"merge: argument 'layer' expected a conditioned layer, got an unconditioned Linear"),
+     r"merge: argument 'module' expected a conditioned layer or a model containing one, got an "
+     r"unconditioned Linear"),
     ("remove-plain", lambda layer: wc.remove_conditioning(torch.nn.Linear(2, 2)), wc.StateError,
-     r"remove_conditioning: argument 'layer' expected a conditioned layer"),
+     r"remove_conditioning: argument 'module' expected a conditioned layer"),
     ("delta-type", lambda layer: wc.delta_weight("layer"), wc.LayerTypeError,
      r"delta_weight: argument 'layer' expected an nn.Module, got str"),
 ]
@@ -152,9 +154,11 @@ def test_second_update_is_refused_and_changes_nothing() -> None:
     layer = make_layer(12, 10)
     wc.register_update(layer, rank=2)
     before = snapshot(layer)
-    with pytest.raises(wc.StateError, match=r"register_update: the layer already has an update"):
+    with pytest.raises(wc.StateError,
+                       match=r"register_update: adapter 'default' of the layer already has an "):
         wc.register_update(layer, rank=2)
-    with pytest.raises(wc.StateError, match=r"apply_preset\('dora'\): the layer already has"):
+    with pytest.raises(wc.StateError,
+                       match=r"apply_preset\('dora'\): adapter 'default' of the layer already"):
         wc.apply_preset(layer, "dora")
     assert same(layer, before)
 

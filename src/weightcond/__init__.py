@@ -13,6 +13,7 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 
 from . import interop
 from .errors import (
+    AdapterError,
     LayerTypeError,
     OptionError,
     ShapeError,
@@ -20,7 +21,10 @@ from .errors import (
     UnknownNameError,
     WeightcondError,
 )
+from .interop import from_peft, to_peft
+from .io import load_adapter, save_adapter
 from .layer import (
+    conditioned_layers,
     conditioners,
     delta_weight,
     dense_forward,
@@ -31,6 +35,7 @@ from .layer import (
     register_update,
     remove_conditioning,
 )
+from .model import ConditionReport, adapter_names, condition, disabled, set_adapter
 from .placement import Conditioner, Conditioning
 from .presets import PRESETS, Applied, ConditionerSpec, Option, Preset, apply_preset
 from .transforms import TRANSFORMS, Transform, register_transform
@@ -41,7 +46,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "TRANSFORMS",
+    "AdapterError",
     "Applied",
+    "ConditionReport",
     "Conditioner",
     "ConditionerSpec",
     "Conditioning",
@@ -56,16 +63,25 @@ __all__ = [
     "UnknownNameError",
     "WeightcondError",
     "__version__",
+    "adapter_names",
     "apply_preset",
+    "condition",
+    "conditioned_layers",
     "conditioners",
     "delta_weight",
     "dense_forward",
+    "disabled",
+    "from_peft",
     "get_update",
     "interop",
     "is_conditioned",
+    "load_adapter",
     "merge",
     "register_conditioning",
     "register_transform",
     "register_update",
     "remove_conditioning",
+    "save_adapter",
+    "set_adapter",
+    "to_peft",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "AdapterError",
     "LayerTypeError",
     "OptionError",
     "ShapeError",
@@ -46,6 +47,12 @@ class LayerTypeError(WeightcondError, TypeError):
 
 class StateError(WeightcondError, RuntimeError):
     """The operation does not fit the layer's current state (e.g. a second update)."""
+
+
+class AdapterError(WeightcondError, ValueError):
+    """A saved adapter cannot be read or does not fit the model: a missing, truncated or
+    foreign file, a malformed configuration, missing or extra tensors, other shapes, layers
+    or transforms."""
 
 
 def _choices(choices: Iterable[Any]) -> str:

@@ -5,6 +5,11 @@ its frozen base weight in ``layer.parametrizations.weight.original``; ``layer.we
 dense conditioned weight (and ``layer.bias`` the conditioned bias when a conditioner has
 ``condition_bias=True``); ``layer(x)`` runs the matrix-free activation form.
 
+A layer holds one or more named *adapters* (each an update and conditioners, a
+:class:`~weightcond.placement.Conditioning`) in an :class:`Adapters` module, the weight's
+parametrization; one adapter is active at a time, and :func:`weightcond.disabled` turns them
+all off.
+
 Decision (matrix-free forward): parametrize swaps the layer's class for a generated
 subclass; we insert one more class below it, ``Conditioned<Base>``, whose ``forward`` runs
 :meth:`~weightcond.placement.Conditioning.activation` instead of evaluating the dense
@@ -16,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -35,11 +40,12 @@ from .errors import (
     check_choice,
 )
 from .placement import Conditioner, Conditioning, Side, Stage
-from .reshape import layer_kind
+from .reshape import LayerKind, layer_kind
 from .transforms import TRANSFORMS, Transform
 from .update import LowRankUpdate
 
 __all__ = [
+    "Adapters",
     "conditioners",
     "delta_weight",
     "dense_forward",
@@ -51,16 +57,52 @@ __all__ = [
     "remove_conditioning",
 ]
 
+DEFAULT_ADAPTER = "default"
 _CONDITIONED_CLASSES: dict[type, type] = {}
 
 
+class Adapters(nn.Module):
+    """The parametrization of a conditioned layer's weight: its named adapters.
+
+    ``adapters`` maps each name to a :class:`~weightcond.placement.Conditioning`; the
+    ``active`` one (``None``: none) conditions the weight unless ``enabled`` is ``False``
+    (:func:`weightcond.disabled`). ``forward`` maps the stored weight to the stored layout
+    of the conditioned weight, through the layer kind's ``(out, in)`` view.
+    """
+
+    def __init__(self, kind: LayerKind) -> None:
+        super().__init__()
+        self.kind = kind
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.enabled = True
+        self.dense = False  # set by weightcond.dense_forward
+
+    def current(self) -> Conditioning | None:
+        """The conditioning that acts now, or ``None`` (the layer computes its base)."""
+        if not self.enabled or self.active is None:
+            return None
+        return self.adapters[self.active]  # type: ignore[no-any-return]
+
+    def forward(self, weight: Tensor) -> Tensor:
+        conditioning = self.current()
+        if conditioning is None:
+            return weight
+        return self.kind.from_matrix(conditioning(self.kind.to_matrix(weight)), weight.shape)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, active={self.active!r}, enabled={self.enabled}"
+
+
 def _forward(self: nn.Module, input: Tensor) -> Tensor:
-    conditioning = _conditioning(self)
-    if conditioning.dense:
-        return F.linear(input, self.weight, self.bias)
+    adapters = _adapters(self)
+    kind = adapters.kind
+    conditioning = adapters.current()
+    if conditioning is None or adapters.dense or not kind.matrix_free:
+        return kind.compute(self, input, self.weight, self.bias)
     params = self.parametrizations
     bias = params.bias.original if "bias" in params else self.bias
-    return conditioning.activation(input, params.weight.original, bias)
+    return conditioning.activation(input, kind.to_matrix(params.weight.original), bias)
 
 
 def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -99,35 +141,60 @@ class _ConditionedBias(nn.Module):
 
     def forward(self, bias: Tensor) -> Tensor:
         layer = self._layer
-        weight = layer.parametrizations.weight
-        return weight[0].conditioned_bias(bias, weight.original)
+        conditioning = _adapters(layer).current()
+        if conditioning is None:
+            return bias
+        return conditioning.conditioned_bias(bias, _base_matrix(layer))
 
 
 def is_conditioned(layer: nn.Module) -> bool:
     """Whether ``layer`` carries weightcond conditioning."""
     return (parametrize.is_parametrized(layer, "weight")
-            and isinstance(layer.parametrizations.weight[0], Conditioning)
+            and isinstance(layer.parametrizations.weight[0], Adapters)
             and type(layer).__bases__[0] in _CONDITIONED_CLASSES.values())
 
 
-def _conditioning(layer: nn.Module) -> Conditioning:
+def _adapters(layer: nn.Module) -> Adapters:
     return layer.parametrizations.weight[0]  # type: ignore[no-any-return]
 
 
-def _require_conditioned(layer: nn.Module, where: str) -> Conditioning:
+def _require_conditioned(layer: nn.Module, where: str) -> Adapters:
     if not isinstance(layer, nn.Module):
         raise LayerTypeError(f"{where}: argument 'layer' expected an nn.Module, "
                              f"got {type(layer).__name__}")
     if not is_conditioned(layer):
         raise StateError(f"{where}: argument 'layer' expected a conditioned layer, got an "
                          f"unconditioned {type(layer).__name__}")
-    return _conditioning(layer)
+    return _adapters(layer)
+
+
+def _named(adapters: Adapters, adapter_name: str | None, where: str) -> Conditioning | None:
+    """The adapter called ``adapter_name`` (``None``: the active one, if any)."""
+    if adapter_name is None:
+        return None if adapters.active is None else adapters.adapters[adapters.active]
+    if adapter_name not in adapters.adapters:
+        raise UnknownNameError(
+            f"{where}: argument 'adapter_name' expected one of "
+            f"{', '.join(map(repr, adapters.adapters))}, got {adapter_name!r}")
+    return adapters.adapters[adapter_name]  # type: ignore[no-any-return]
 
 
 def _base_weight(layer: nn.Module) -> Tensor:
+    """The frozen weight in the layer's stored layout."""
     if is_conditioned(layer):
         return layer.parametrizations.weight.original  # type: ignore[no-any-return]
     return layer.weight  # type: ignore[no-any-return]
+
+
+def _base_matrix(layer: nn.Module) -> Tensor:
+    """The frozen weight as an ``(out, in)`` matrix (a view)."""
+    return layer_kind(layer, "weightcond").to_matrix(_base_weight(layer))
+
+
+def _base_bias(layer: nn.Module) -> Tensor | None:
+    if is_conditioned(layer) and parametrize.is_parametrized(layer, "bias"):
+        return layer.parametrizations.bias.original  # type: ignore[no-any-return]
+    return getattr(layer, "bias", None)
 
 
 def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
@@ -141,41 +208,70 @@ def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
     return shape
 
 
-def _conditioning_for(layer: nn.Module) -> Conditioning:
-    """The layer's :class:`Conditioning`, or a new one not yet attached."""
-    if is_conditioned(layer):
-        return _conditioning(layer)
+_RESERVED = frozenset(dir(nn.ModuleDict()))
+
+
+def check_adapter_name(where: str, name: Any) -> str:
+    """Return ``name`` if it can name an adapter (letters, digits, ``_`` and ``-``)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_\-]*", name) \
+            or name in _RESERVED:
+        raise OptionError(f"{where}: argument 'adapter_name' expected a name of letters, digits, "
+                          f"'_' and '-' (not a ModuleDict attribute), got {name!r}")
+    return name
+
+
+def _conditioning_for(layer: nn.Module, adapter_name: str) -> Conditioning:
+    """The layer's adapter ``adapter_name``, or a new one not yet attached."""
+    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
+        return _adapters(layer).adapters[adapter_name]  # type: ignore[no-any-return]
     return Conditioning(*layer_kind(layer, "weightcond").shape(layer))
 
 
-def _attach(layer: nn.Module, conditioning: Conditioning) -> None:
-    """Install ``conditioning`` (class swap + parametrization) unless it already is."""
-    if is_conditioned(layer):
-        return
-    layer.__class__ = _conditioned_class(type(layer))
-    parametrize.register_parametrization(layer, "weight", conditioning)
+def _install(layer: nn.Module, adapter_name: str, conditioning: Conditioning) -> None:
+    """Make ``conditioning`` the layer's active adapter ``adapter_name``: class swap and
+    parametrizations on first use, the bias parametrization when a conditioner needs it."""
+    if not is_conditioned(layer):
+        kind = layer_kind(layer, "weightcond")
+        layer.__class__ = _conditioned_class(type(layer))
+        try:
+            parametrize.register_parametrization(layer, "weight", Adapters(kind))
+        except Exception:
+            layer.__class__ = type(layer).__bases__[0]
+            raise
+    adapters = _adapters(layer)
+    if adapter_name not in adapters.adapters:
+        adapters.adapters[adapter_name] = conditioning
+    adapters.active = adapter_name
+    if any(c.condition_bias for c in conditioning.conditioners()) and \
+            _base_bias(layer) is not None and not parametrize.is_parametrized(layer, "bias"):
+        parametrize.register_parametrization(layer, "bias", _ConditionedBias(layer))
 
 
 # -- the update -----------------------------------------------------------------------------------
-def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None
-                  ) -> LowRankUpdate:
+def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None,
+                  adapter_name: str = DEFAULT_ADAPTER) -> LowRankUpdate:
     out_features, in_features = _check_layer(layer, where)
-    if is_conditioned(layer) and _conditioning(layer).update is not None:
-        raise StateError(f"{where}: the layer already has an update; call "
-                         f"weightcond.remove_conditioning(layer) first")
+    check_adapter_name(where, adapter_name)
+    if _conditioning_for(layer, adapter_name).update is not None:
+        raise StateError(f"{where}: adapter {adapter_name!r} of the layer already has an update; "
+                         f"call weightcond.remove_conditioning(layer) first")
     weight = _base_weight(layer)
-    return LowRankUpdate(out_features, in_features, rank=rank, alpha=alpha,
-                         dtype=weight.dtype, device=weight.device)
+    try:
+        return LowRankUpdate(out_features, in_features, rank=rank, alpha=alpha,
+                             dtype=weight.dtype, device=weight.device)
+    except WeightcondError as error:  # say which call the update's error came from
+        raise type(error)(str(error).replace("register_update", where, 1)) from None
 
 
-def _attach_update(layer: nn.Module, update: LowRankUpdate) -> None:
-    conditioning = _conditioning_for(layer)
-    _attach(layer, conditioning)
+def _attach_update(layer: nn.Module, update: LowRankUpdate,
+                   adapter_name: str = DEFAULT_ADAPTER) -> None:
+    conditioning = _conditioning_for(layer, adapter_name)
     conditioning.update = update
+    _install(layer, adapter_name, conditioning)
 
 
-def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
-                    ) -> LowRankUpdate:
+def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None,
+                    adapter_name: str = DEFAULT_ADAPTER) -> LowRankUpdate:
     r"""Add the low-rank update :math:`\Delta W = (\alpha/r)\,B A` to ``layer``.
 
     .. math::
@@ -184,12 +280,15 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
 
     ``A`` (``rank × in``) is Kaiming-uniform, ``B`` (``out × rank``) zero, so the layer is
     unchanged. Conditioners with ``placement="pre"`` act on :math:`W` before it is added,
-    ``"post"`` ones after, whatever the registration order. One update per layer.
+    ``"post"`` ones after, whatever the registration order. One update per adapter.
 
     Args:
-        layer: an :class:`torch.nn.Linear`.
+        layer: an :class:`torch.nn.Linear`, a transformers ``Conv1D`` or an
+            :class:`torch.nn.Conv2d` (see :mod:`weightcond.reshape`).
         rank: :math:`r`, between 1 and ``min(out, in)``.
         alpha: :math:`\alpha`; ``None`` means ``alpha = rank``.
+        adapter_name: the adapter the update belongs to; it becomes the layer's active
+            adapter.
 
     Returns:
         The :class:`~weightcond.update.LowRankUpdate` module (parameters ``A`` and ``B``).
@@ -201,8 +300,9 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
         >>> tuple(upd.A.shape), tuple(upd.B.shape), upd.scaling
         ((2, 8), (6, 2), 2.0)
     """
-    update = _build_update(layer, "register_update", rank=rank, alpha=alpha)
-    _attach_update(layer, update)
+    update = _build_update(layer, "register_update", rank=rank, alpha=alpha,
+                           adapter_name=adapter_name)
+    _attach_update(layer, update, adapter_name)
     return update
 
 
@@ -210,6 +310,11 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None
 def _option_names(cls: type[Transform]) -> list[str]:
     params = list(inspect.signature(cls.__init__).parameters.values())[2:]
     return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _registered_name(cls: type[Transform]) -> str | None:
+    """The registry name of a transform class, ``None`` when it is not registered."""
+    return cls.name if cls.name and TRANSFORMS.get(cls.name) is cls else None
 
 
 def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where: str
@@ -265,7 +370,12 @@ def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: st
     weight = _base_weight(layer)
     built.to(dtype=weight.dtype, device=weight.device)
     _check_transform(built, weight, where)
-    return Conditioner(built, stage, where_side, condition_bias)
+    conditioner = Conditioner(built, stage, where_side, condition_bias)
+    # what a saved adapter records to rebuild it (weightcond.save_adapter); a transform
+    # object passed in has unknown constructor options, so it has no recipe
+    name = None if isinstance(transform, Transform) else _registered_name(type(built))
+    conditioner._recipe = None if name is None else (name, dict(options))
+    return conditioner
 
 
 def _check_transform(transform: Transform, weight: Tensor, where: str) -> None:
@@ -286,31 +396,43 @@ def _check_transform(transform: Transform, weight: Tensor, where: str) -> None:
                              f"has shape {tuple(expected)}, got {tuple(got)} from {name}")
 
 
-def _attach_conditioner(layer: nn.Module, conditioner: Conditioner) -> None:
-    """Initialise (which may fail in user code) before touching the layer, then attach."""
-    conditioning = _conditioning_for(layer)
+def _add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Conditioner) -> None:
+    """Append ``conditioner`` to its stage, initialising a norm-tied transform from the norms
+    of the matrix it conditions (``base`` is the ``(out, in)`` frozen weight)."""
     stage = Stage(conditioner.placement)
     if conditioner.transform.norm_tied:
         conditioner.transform.initialize(conditioning.initial_norms(
-            _base_weight(layer), stage, Side(conditioner.side)))
-    was_conditioned = is_conditioned(layer)
-    _attach(layer, conditioning)
+            base, stage, Side(conditioner.side)))
     conditioning.stage(stage).append(conditioner)
+
+
+def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
+                        adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Initialise (which may fail in user code) before touching the layer, then attach."""
+    conditioning = _conditioning_for(layer, adapter_name)
+    was_conditioned = is_conditioned(layer)
+    was_present = was_conditioned and adapter_name in _adapters(layer).adapters
+    previous = _adapters(layer).active if was_conditioned else None
+    _add_conditioner(conditioning, _base_matrix(layer), conditioner)
     try:
-        if conditioner.condition_bias and layer.bias is not None and \
-                not parametrize.is_parametrized(layer, "bias"):
-            parametrize.register_parametrization(layer, "bias", _ConditionedBias(layer))
+        _install(layer, adapter_name, conditioning)
     except Exception:
-        del conditioning.stage(stage)[-1]
+        del conditioning.stage(Stage(conditioner.placement))[-1]
         if not was_conditioned:
-            _strip(layer)
+            if is_conditioned(layer):
+                _strip(layer)
+        else:
+            if not was_present:
+                del _adapters(layer).adapters[adapter_name]
+            _adapters(layer).active = previous
         raise
     conditioner.transform._weightcond_attached = True
 
 
 def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str = "left",
                           transform: str | type[Transform] | Transform,
-                          condition_bias: bool = False, **options: Any) -> Conditioner:
+                          condition_bias: bool = False, adapter_name: str = DEFAULT_ADAPTER,
+                          **options: Any) -> Conditioner:
     r"""Place a conditioning matrix on ``layer``'s weight.
 
     .. math::
@@ -325,7 +447,8 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
     computes what it computed before.
 
     Args:
-        layer: an :class:`torch.nn.Linear`.
+        layer: an :class:`torch.nn.Linear`, a transformers ``Conv1D`` or an
+            :class:`torch.nn.Conv2d` (see :mod:`weightcond.reshape`).
         placement: ``"pre"`` or ``"post"``.
         side: ``"left"`` or ``"right"``.
         transform: a name in :data:`weightcond.TRANSFORMS`, a
@@ -333,6 +456,8 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
             dimension and ``options``) or a Transform instance of the side dimension.
         condition_bias: also apply this (left) conditioner to the bias,
             :math:`b' = Q b` (the released SORA code does this).
+        adapter_name: the adapter the conditioner belongs to; it becomes the layer's active
+            adapter.
         **options: the transform's options (e.g. ``rank``, ``map`` for ``"skew"``).
 
     Returns:
@@ -352,37 +477,58 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
         >>> torch.allclose(layer(x), x @ layer.weight.T + layer.bias, atol=1e-6)
         True
     """
-    conditioner = _build_conditioner(layer, "register_conditioning", placement=placement,
+    where = "register_conditioning"
+    check_adapter_name(where, adapter_name)
+    conditioner = _build_conditioner(layer, where, placement=placement,
                                      side=side, transform=transform,
                                      condition_bias=condition_bias, options=options)
-    _attach_conditioner(layer, conditioner)
+    _attach_conditioner(layer, conditioner, adapter_name)
     return conditioner
 
 
 # -- inspecting ------------------------------------------------------------------------------------
-def conditioners(layer: nn.Module) -> list[Conditioner]:
-    """The layer's conditioners in composition order (pre stage, then post stage; each in
-    registration order). Empty for an unconditioned layer."""
-    return _conditioning(layer).conditioners() if is_conditioned(layer) else []
+def conditioners(layer: nn.Module, adapter_name: str | None = None) -> list[Conditioner]:
+    """The conditioners of the adapter ``adapter_name`` (``None``: the active one) in
+    composition order (pre stage, then post stage; each in registration order). Empty for an
+    unconditioned layer or one without an active adapter."""
+    if not is_conditioned(layer):
+        return []
+    conditioning = _named(_adapters(layer), adapter_name, "conditioners")
+    return [] if conditioning is None else conditioning.conditioners()
 
 
-def get_update(layer: nn.Module) -> LowRankUpdate | None:
-    """The layer's low-rank update, or ``None``."""
-    return _conditioning(layer).update if is_conditioned(layer) else None
+def get_update(layer: nn.Module, adapter_name: str | None = None) -> LowRankUpdate | None:
+    """The low-rank update of the adapter ``adapter_name`` (``None``: the active one), or
+    ``None``."""
+    if not is_conditioned(layer):
+        return None
+    conditioning = _named(_adapters(layer), adapter_name, "get_update")
+    return None if conditioning is None else conditioning.update
 
 
-def delta_weight(layer: nn.Module) -> Tensor:
-    """The effective update :math:`W' - W` as a dense ``(out, in)`` matrix (the quantity whose
-    singular-value entropy the paper studies)."""
-    conditioning = _require_conditioned(layer, "delta_weight")
-    base = _base_weight(layer)
+def delta_weight(layer: nn.Module, adapter_name: str | None = None) -> Tensor:
+    """The effective update :math:`W' - W` of the adapter ``adapter_name`` (``None``: the
+    active one; zero when none is active) as a dense ``(out, in)`` matrix, in the layer
+    kind's matrix view (the quantity whose singular-value entropy the paper studies)."""
+    adapters = _require_conditioned(layer, "delta_weight")
+    conditioning = _named(adapters, adapter_name, "delta_weight")
+    base = _base_matrix(layer)
+    if conditioning is None:
+        return torch.zeros_like(base)
     return conditioning.dense_weight(base) - base
+
+
+def conditioned_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every conditioned layer in ``module`` (``""`` for ``module``
+    itself), in :meth:`torch.nn.Module.named_modules` order."""
+    return [(name, m) for name, m in module.named_modules() if is_conditioned(m)]
 
 
 @contextlib.contextmanager
 def dense_forward(module: nn.Module) -> Iterator[None]:
-    """Within the block, conditioned layers in ``module`` compute ``F.linear(x, layer.weight,
-    layer.bias)`` through the dense weight instead of the matrix-free form (for verification).
+    """Within the block, conditioned layers in ``module`` compute their output through the
+    dense weight (``F.linear(x, layer.weight, layer.bias)`` for a Linear) instead of the
+    matrix-free form (for verification).
 
     Example:
         >>> import torch, weightcond as wc
@@ -394,15 +540,15 @@ def dense_forward(module: nn.Module) -> Iterator[None]:
         >>> torch.allclose(dense, layer(x), atol=1e-6)
         True
     """
-    found = [_conditioning(m) for m in module.modules() if is_conditioned(m)]
-    previous = [c.dense for c in found]
-    for c in found:
-        c.dense = True
+    found = [_adapters(m) for _, m in conditioned_layers(module)]
+    previous = [a.dense for a in found]
+    for a in found:
+        a.dense = True
     try:
         yield
     finally:
-        for c, p in zip(found, previous):
-            c.dense = p
+        for a, p in zip(found, previous):
+            a.dense = p
 
 
 # -- merging and removing ------------------------------------------------------------------
@@ -414,28 +560,89 @@ def _strip(layer: nn.Module) -> None:
     layer.__class__ = type(layer).__bases__[0]
 
 
-def merge(layer: nn.Module) -> nn.Module:
-    r"""Bake the conditioning into ``layer`` and return it as a plain layer.
+def _require_layers(module: nn.Module, where: str) -> list[nn.Module]:
+    if not isinstance(module, nn.Module):
+        raise LayerTypeError(f"{where}: argument 'module' expected an nn.Module, "
+                             f"got {type(module).__name__}")
+    layers = [m for _, m in conditioned_layers(module)]
+    if not layers:
+        raise StateError(f"{where}: argument 'module' expected a conditioned layer or a model "
+                         f"containing one, got an unconditioned {type(module).__name__}")
+    return layers
 
-    The weight becomes :math:`W'` and the bias :math:`b'` (new parameters; the original
-    tensors are not modified), the parametrizations and the matrix-free forward are removed.
-    The layer computes the same function as before, now with one GEMM.
-    """
-    _require_conditioned(layer, "merge")
+
+def _require_adapter(layers: list[nn.Module], adapter_name: str | None, where: str) -> None:
+    if adapter_name is None:
+        return
+    names = sorted({n for layer in layers for n in _adapters(layer).adapters})
+    if adapter_name not in names:
+        raise UnknownNameError(f"{where}: argument 'adapter_name' expected one of "
+                               f"{', '.join(map(repr, names))}, got {adapter_name!r}")
+
+
+def _merge_layer(layer: nn.Module, adapter_name: str | None) -> None:
+    adapters = _adapters(layer)
+    conditioning = (adapters.adapters.get(adapter_name) if adapter_name is not None else
+                    _named(adapters, None, "merge"))
+    base, bias = _base_weight(layer), _base_bias(layer)
     with torch.no_grad():
-        weight = layer.weight.detach().clone()
-        bias = None if layer.bias is None else layer.bias.detach().clone()
-    original_weight = _base_weight(layer)
+        weight, new_bias = base, bias
+        if conditioning is not None:
+            matrix = adapters.kind.to_matrix(base)
+            weight = adapters.kind.from_matrix(conditioning.dense_weight(matrix), base.shape)
+            if bias is not None:
+                new_bias = conditioning.conditioned_bias(bias, matrix)
+        weight = weight.detach().clone().contiguous()
+        new_bias = None if new_bias is None else new_bias.detach().clone()
     _strip(layer)
-    layer.weight = nn.Parameter(weight, requires_grad=original_weight.requires_grad)
+    layer.weight = nn.Parameter(weight, requires_grad=base.requires_grad)
     if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
-    return layer
+        layer.bias = nn.Parameter(new_bias, requires_grad=bias.requires_grad)
 
 
-def remove_conditioning(layer: nn.Module) -> nn.Module:
-    """Remove every update and conditioner from ``layer`` and return it: the original weight
-    and bias tensors (the very same objects, bit-exact) and the original class."""
-    _require_conditioned(layer, "remove_conditioning")
-    _strip(layer)
-    return layer
+def merge(module: nn.Module, *, adapter_name: str | None = None) -> nn.Module:
+    r"""Bake the conditioning into every conditioned layer of ``module`` (or ``module``
+    itself) and return it with plain layers.
+
+    Each weight becomes :math:`W'` and each bias :math:`b'` of the adapter ``adapter_name``
+    (``None``: each layer's active adapter; a layer without one keeps its base function) —
+    new parameters; the original tensors are not modified. The parametrizations, the
+    matrix-free forward and every other adapter are removed. The module computes the same
+    function as before, now with one GEMM per layer.
+
+    Raises:
+        weightcond.StateError: nothing in ``module`` is conditioned.
+        weightcond.UnknownNameError: no layer has an adapter ``adapter_name``.
+    """
+    layers = _require_layers(module, "merge")
+    _require_adapter(layers, adapter_name, "merge")
+    for layer in layers:
+        _merge_layer(layer, adapter_name)
+    return module
+
+
+def remove_conditioning(module: nn.Module, *, adapter_name: str | None = None) -> nn.Module:
+    """Remove conditioning from every conditioned layer of ``module`` (or ``module`` itself)
+    and return it.
+
+    With ``adapter_name=None`` every adapter goes: each layer gets back its original weight
+    and bias tensors (the very same objects, bit-exact) and its original class. With a name,
+    only that adapter goes; a layer left without adapters is restored as above, and one whose
+    active adapter was removed computes its base function until
+    :func:`weightcond.set_adapter` chooses another.
+
+    Raises:
+        weightcond.StateError: nothing in ``module`` is conditioned.
+        weightcond.UnknownNameError: no layer has an adapter ``adapter_name``.
+    """
+    layers = _require_layers(module, "remove_conditioning")
+    _require_adapter(layers, adapter_name, "remove_conditioning")
+    for layer in layers:
+        adapters = _adapters(layer)
+        if adapter_name is None or set(adapters.adapters) == {adapter_name}:
+            _strip(layer)
+        elif adapter_name in adapters.adapters:
+            del adapters.adapters[adapter_name]
+            if adapters.active == adapter_name:
+                adapters.active = None
+    return module

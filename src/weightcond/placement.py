@@ -297,7 +297,6 @@ class Conditioning(nn.Module):
         self.update: LowRankUpdate | None = None
         self.pre = nn.ModuleList()
         self.post = nn.ModuleList()
-        self.dense = False  # set by weightcond.dense_forward
 
     # -- the ordered list -------------------------------------------------------------------
     def conditioners(self) -> list[Conditioner]:

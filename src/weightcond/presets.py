@@ -17,10 +17,12 @@ from torch import nn
 
 from .errors import UnknownNameError, check_bool
 from .layer import (
+    DEFAULT_ADAPTER,
     _attach_conditioner,
     _attach_update,
     _build_conditioner,
     _build_update,
+    check_adapter_name,
 )
 from .placement import Conditioner
 from .registry import Registry
@@ -191,7 +193,8 @@ def _resolve(value: Any, options: Mapping[str, Any]) -> Any:
     return options[value.name] if isinstance(value, Option) else value
 
 
-def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
+def apply_preset(layer: nn.Module, name: str | Preset, *, adapter_name: str = DEFAULT_ADAPTER,
+                 **options: Any) -> Applied:
     r"""Condition ``layer`` with the named preset of :data:`PRESETS`.
 
     * ``lora``: :math:`W' = W + sBA`; options ``rank=8``, ``alpha=None`` (``= rank``).
@@ -215,6 +218,10 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
     ``apply_preset(layer, "sora", map="first_order", condition_bias=True)`` computes the
     authors' released layer :math:`y = (I+S)(d \odot (Wx + b) + sBAx)`.
 
+    ``name`` may also be a :class:`Preset` object that is not registered (a variant of
+    your own). Everything goes into the adapter ``adapter_name``, which becomes the layer's
+    active adapter.
+
     Returns:
         An :class:`Applied` record of the update and conditioners registered.
 
@@ -225,8 +232,9 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
         >>> [(c.placement, c.side, c.transform.name) for c in applied.conditioners]
         [('pre', 'left', 'diag'), ('post', 'left', 'skew')]
     """
-    preset = PRESETS.lookup(name, "apply_preset", "name")
-    where = f"apply_preset({name!r})"
+    preset = name if isinstance(name, Preset) else PRESETS.lookup(name, "apply_preset", "name")
+    where = f"apply_preset({preset.name!r})"
+    check_adapter_name(where, adapter_name)
     accepted = preset.options()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -235,8 +243,8 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
     values = {**accepted, **options}
     condition_bias = check_bool(where, "condition_bias", values.get("condition_bias", False))
     # build (and so validate) everything before the layer is touched
-    update = (_build_update(layer, where, rank=values["rank"], alpha=values["alpha"])
-              if preset.update else None)
+    update = (_build_update(layer, where, rank=values["rank"], alpha=values["alpha"],
+                            adapter_name=adapter_name) if preset.update else None)
     built = [
         _build_conditioner(layer, where, placement=spec.placement, side=spec.side,
                            transform=spec.transform,
@@ -245,7 +253,7 @@ def apply_preset(layer: nn.Module, name: str, **options: Any) -> Applied:
         for spec in preset.conditioners
     ]
     if update is not None:
-        _attach_update(layer, update)
+        _attach_update(layer, update, adapter_name)
     for conditioner in built:
-        _attach_conditioner(layer, conditioner)
+        _attach_conditioner(layer, conditioner, adapter_name)
     return Applied(update, tuple(built))

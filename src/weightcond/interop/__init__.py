@@ -1,5 +1,5 @@
 """Interoperability with other libraries (PEFT)."""
 
-from .peft import from_peft_tensors
+from .peft import from_peft, from_peft_tensors, to_peft
 
-__all__ = ["from_peft_tensors"]
+__all__ = ["from_peft", "from_peft_tensors", "to_peft"]

@@ -1,7 +1,10 @@
-"""Load a PEFT adapter's tensors for one layer into the equivalent weightcond preset.
+"""Import PEFT adapters into weightcond and export weightcond adapters to PEFT.
 
-This converts tensors, not PEFT's directory format (that belongs to the model workflow).
-The mappings, each tested for equal outputs against the installed ``peft``:
+:func:`from_peft` reads a PEFT adapter directory (``adapter_config.json`` and
+``adapter_model.safetensors``) onto a model; :func:`to_peft` writes ``lora`` and ``dora``
+adapters in that format, for ``PeftModel.from_pretrained``; :func:`from_peft_tensors` does
+one layer from tensors. Neither needs ``peft`` installed. The mappings, each tested for
+equal outputs against the installed ``peft``:
 
 * LoRA / DoRA: ``lora_A`` → ``A``, ``lora_B`` → ``B``, ``lora_magnitude_vector`` → the
   magnitude; ``alpha`` is PEFT's ``lora_alpha``.
@@ -20,18 +23,31 @@ The mappings, each tested for equal outputs against the installed ``peft``:
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import OptionError, ShapeError, StateError, UnknownNameError
-from ..layer import is_conditioned, remove_conditioning
+from ..errors import (
+    AdapterError,
+    OptionError,
+    ShapeError,
+    StateError,
+    UnknownNameError,
+    WeightcondError,
+)
+from ..io import CONFIG_NAME, TENSORS_NAME, _adapter_layers, _write_atomically
+from ..layer import DEFAULT_ADAPTER, _adapters, check_adapter_name, is_conditioned
+from ..layer import remove_conditioning as _remove
 from ..presets import Applied, apply_preset
 
-__all__ = ["from_peft_tensors"]
+__all__ = ["from_peft", "from_peft_tensors", "to_peft"]
 
 _OPTIONS = {"lora": {"lora_alpha"}, "dora": {"lora_alpha"}, "hra": {"apply_GS"}, "boft": set(),
             "oft": {"oft_block_size", "block_share", "use_cayley_neumann",
@@ -58,8 +74,8 @@ def _copy(where: str, name: str, target: nn.Parameter, value: Tensor) -> None:
         target.copy_(value)
 
 
-def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tensor],
-                      **config: Any) -> Applied:
+def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tensor], *,
+                      adapter_name: str = DEFAULT_ADAPTER, **config: Any) -> Applied:
     """Condition ``layer`` with the preset equivalent to a PEFT adapter and load its tensors.
 
     Args:
@@ -68,13 +84,14 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
         tensors: the adapter's tensors for this layer under PEFT's names without the adapter
             name (``lora_A``/``lora_B`` as the ``(r, in)``/``(out, r)`` weights,
             ``lora_magnitude_vector``, ``oft_R``, ``boft_R``, ``boft_s``, ``hra_u``).
+        adapter_name: the weightcond adapter to build (it becomes the active one).
         **config: PEFT's options: ``lora_alpha`` (LoRA/DoRA); ``oft_block_size`` (inferred
             from ``oft_R`` when omitted), ``block_share``, ``use_cayley_neumann``,
             ``num_cayley_neumann_terms`` (OFT); ``apply_GS`` (HRA).
 
     Raises:
         weightcond.WeightcondError: unknown method or options, missing or extra tensors,
-            wrong shapes, a layer already conditioned; the layer is left as it was.
+            wrong shapes, a layer that already has the adapter; the layer is left as it was.
 
     Returns:
         The :class:`~weightcond.presets.Applied` record.
@@ -95,22 +112,35 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
     if unknown:
         raise UnknownNameError(f"{where}: unknown options {unknown}; expected some of "
                                f"{sorted(_OPTIONS[method])}")
-    if is_conditioned(layer):
-        raise StateError(f"{where}: argument 'layer' expected an unconditioned layer")
+    check_adapter_name(where, adapter_name)
+    previous = _adapters(layer).active if is_conditioned(layer) else None
+    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
+        raise StateError(f"{where}: argument 'layer' expected a layer without an adapter "
+                         f"{adapter_name!r}, got one that has it")
     given = _take(tensors, method)
     try:
-        return _load(layer, method, given, config, where)
+        return _load(layer, method, given, config, where, adapter_name)
     except Exception:
-        if is_conditioned(layer):  # nothing half-loaded stays behind
-            remove_conditioning(layer)
+        _undo(layer, adapter_name, previous)  # nothing half-loaded stays behind
         raise
 
 
+def _undo(layer: nn.Module, adapter_name: str, previous: str | None) -> None:
+    """Remove the adapter ``adapter_name`` from ``layer`` and reactivate ``previous``."""
+    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
+        _remove(layer, adapter_name=adapter_name)
+        if previous is not None:
+            _adapters(layer).active = previous
+
+
 def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[str, Any],
-          where: str) -> Applied:
+          where: str, adapter_name: str) -> Applied:
+    def apply(name: str, **options: Any) -> Applied:
+        return apply_preset(layer, name, adapter_name=adapter_name, **options)
+
     if method in ("lora", "dora"):
         rank = given["lora_A"].shape[0]
-        applied = apply_preset(layer, method, rank=rank, alpha=config.get("lora_alpha", rank))
+        applied = apply(method, rank=rank, alpha=config.get("lora_alpha", rank))
         _copy(where, "lora_A", applied.update.A, given["lora_A"])
         _copy(where, "lora_B", applied.update.B, given["lora_B"])
         if method == "dora":
@@ -121,10 +151,10 @@ def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[
         entries = given["oft_R"].shape[-1]  # b(b-1)/2
         block_size = config.get("oft_block_size") or round((1 + math.sqrt(1 + 8 * entries)) / 2)
         neumann = config.get("use_cayley_neumann", False)
-        applied = apply_preset(layer, "oft", block_size=block_size,
-                               block_share=config.get("block_share", False),
-                               map="cayley_neumann" if neumann else "cayley",
-                               neumann_terms=config.get("num_cayley_neumann_terms", 5))
+        applied = apply("oft", block_size=block_size,
+                        block_share=config.get("block_share", False),
+                        map="cayley_neumann" if neumann else "cayley",
+                        neumann_terms=config.get("num_cayley_neumann_terms", 5))
         sign = -2.0 if neumann else 2.0
         _copy(where, "oft_R", applied.conditioners[0].transform.generator,
               sign * given["oft_R"])
@@ -133,12 +163,256 @@ def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[
         d = given["boft_R"]  # (factors, blocks, b, b), PEFT's full blocks
         b = d.shape[-1]
         rows, cols = torch.triu_indices(b, b, 1)
-        applied = apply_preset(layer, "boft", block_size=b, butterfly_factors=d.shape[0])
+        applied = apply("boft", block_size=b, butterfly_factors=d.shape[0])
         butterfly, scale = (c.transform for c in applied.conditioners)
         _copy(where, "boft_R", butterfly.generator, (d - d.mT)[..., rows, cols])
         _copy(where, "boft_s", scale.scale, given["boft_s"].reshape(-1))
         return applied
-    applied = apply_preset(layer, "hra", reflections=given["hra_u"].shape[1],
-                           gram_schmidt=config.get("apply_GS", False))
+    applied = apply("hra", reflections=given["hra_u"].shape[1],
+                    gram_schmidt=config.get("apply_GS", False))
     _copy(where, "hra_u", applied.conditioners[0].transform.U, given["hra_u"])
     return applied
+
+
+# -- PEFT adapter directories ----------------------------------------------------------------
+_PREFIX = "base_model.model."
+_SUFFIXES = {  # PEFT's saved tensor names (without the adapter name) → ours
+    "lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "lora_magnitude_vector.weight": "lora_magnitude_vector",
+    "oft_R.weight": "oft_R", "oft_R": "oft_R", "hra_u": "hra_u",
+    "boft_R": "boft_R", "boft_s": "boft_s",
+}
+# options that change what PEFT computes and that weightcond does not reproduce
+_UNSUPPORTED = ("modules_to_save", "lora_bias", "use_qalora", "layer_replication",
+                "trainable_token_indices", "target_parameters", "use_bdlora",
+                "alora_invocation_tokens", "arrow_config", "coft")
+
+
+def _method(config: Mapping[str, Any], where: str) -> str:
+    kind = config.get("peft_type")
+    methods = {"LORA": "dora" if config.get("use_dora") else "lora", "OFT": "oft", "HRA": "hra",
+               "BOFT": "boft"}
+    if kind not in methods:
+        raise AdapterError(f"{where}: {CONFIG_NAME} expected peft_type one of "
+                           f"{', '.join(map(repr, methods))}, got {kind!r}")
+    bad = [k for k in _UNSUPPORTED if config.get(k)]
+    if config.get("bias", "none") != "none":
+        bad.append("bias")
+    if bad:
+        raise AdapterError(f"{where}: the PEFT adapter uses {', '.join(map(repr, bad))}, which "
+                           f"weightcond does not import")
+    return methods[kind]
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a name ending in it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _layer_options(method: str, config: Mapping[str, Any], name: str, rank: int
+                   ) -> dict[str, Any]:
+    if method in ("lora", "dora"):
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name,
+                               config.get("lora_alpha", 8))
+        if config.get("use_rslora"):  # scale alpha/√r = (alpha·√r)/r
+            alpha = alpha * math.sqrt(rank)
+        return {"lora_alpha": alpha}
+    if method == "oft":
+        return {"oft_block_size": config.get("oft_block_size") or None,
+                "block_share": bool(config.get("block_share", False)),
+                "use_cayley_neumann": bool(config.get("use_cayley_neumann", False)),
+                "num_cayley_neumann_terms": config.get("num_cayley_neumann_terms", 5)}
+    if method == "hra":
+        return {"apply_GS": bool(config.get("apply_GS", False))}
+    return {}
+
+
+def _read_peft(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (path / CONFIG_NAME).is_file():
+        raise AdapterError(f"{where}: argument 'path' expected a PEFT adapter directory, got "
+                           f"{str(path)!r} without {CONFIG_NAME}")
+    if not (path / TENSORS_NAME).is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir()))
+        raise AdapterError(f"{where}: {str(path)!r} has no {TENSORS_NAME} (found {found}); "
+                           f"only safetensors adapters are read: nothing is unpickled")
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where}: {CONFIG_NAME} expected a JSON object")
+    try:
+        tensors = load_file(path / TENSORS_NAME)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file: "
+                           f"{error}") from None
+    return config, tensors
+
+
+def _group(tensors: Mapping[str, Tensor], where: str) -> dict[str, dict[str, Tensor]]:
+    """PEFT's flat tensor names grouped by layer name."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in sorted(_SUFFIXES, key=len, reverse=True)
+                       if key.endswith("." + s)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise AdapterError(f"{where}: unexpected tensor {key!r} in {TENSORS_NAME} (expected "
+                               f"'{_PREFIX}<module>.<{'|'.join(sorted(set(_SUFFIXES.values())))}>')")
+        layer = key[len(_PREFIX):-len(suffix) - 1]
+        grouped.setdefault(layer, {})[_SUFFIXES[suffix]] = value
+    return grouped
+
+
+def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
+              adapter_name: str = DEFAULT_ADAPTER) -> dict[str, str]:
+    """Import a PEFT adapter directory into the equivalent weightcond conditioning.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (as
+    ``PeftModel.save_pretrained`` writes them) of a LoRA (``use_dora`` for DoRA, with
+    ``rank_pattern``, ``alpha_pattern`` and ``use_rslora``), OFT, BOFT or HRA adapter, and
+    conditions each of its layers in ``model`` — the base model the adapter was trained on —
+    with the equal preset (see the mappings above). The adapter becomes the active one and
+    only its parameters are left trainable. Dropout options are ignored (they do not change
+    outputs at evaluation).
+
+    Returns:
+        Each conditioned layer's name and preset.
+
+    Raises:
+        weightcond.AdapterError: not a PEFT safetensors adapter, an unsupported method or
+            option (``modules_to_save``, trained biases, ...), tensors for layers the model
+            does not have, wrong shapes; the model is left as it was.
+    """
+    from ..model import _freeze
+
+    where = "from_peft"
+    check_adapter_name(where, adapter_name)
+    config, tensors = _read_peft(Path(path), where)
+    method = _method(config, where)
+    grouped = _group(tensors, where)
+    modules = dict(model.named_modules())
+    absent = [n for n in grouped if n not in modules]
+    if absent:
+        raise AdapterError(f"{where}: the PEFT adapter has tensors for modules the model does "
+                           f"not have: {', '.join(map(repr, absent[:5]))} (another model?)")
+    done: list[tuple[nn.Module, str | None]] = []
+    try:
+        for name, given in grouped.items():
+            layer = modules[name]
+            rank = given["lora_A"].shape[0] if "lora_A" in given else 0
+            if "lora_A" in given:
+                out = given["lora_B"].shape[0] if "lora_B" in given else -1
+                given = {**given, "lora_A": given["lora_A"].reshape(rank, -1)}
+                if "lora_B" in given:
+                    given["lora_B"] = given["lora_B"].reshape(out, -1)
+                if "lora_magnitude_vector" in given:
+                    given["lora_magnitude_vector"] = given["lora_magnitude_vector"].reshape(-1)
+            previous = _adapters(layer).active if is_conditioned(layer) else None
+            try:
+                from_peft_tensors(layer, method, given, adapter_name=adapter_name,
+                                  **_layer_options(method, config, name, rank))
+            except AdapterError:
+                raise
+            except WeightcondError as error:
+                raise AdapterError(f"{where}: layer {name!r}: {error}") from None
+            done.append((layer, previous))
+    except Exception:
+        for layer, previous in done:
+            _undo(layer, adapter_name, previous)
+        raise
+    _freeze(model, adapter_name)
+    return {name: method for name in grouped}
+
+
+def _export_kind(name: str, layer: nn.Module, conditioning: Any, where: str) -> str:
+    conditioners = conditioning.conditioners()
+    if conditioning.update is not None and not conditioners:
+        return "lora"
+    if conditioning.update is not None and len(conditioners) == 1:
+        c = conditioners[0]
+        if (c.transform.name, c.placement, c.side, c.condition_bias) == \
+                ("magnitude", "post", "left", False):
+            return "dora"
+    described = [f"{c.placement}/{c.side} {c.transform.name or type(c.transform).__name__}"
+                 for c in conditioners]
+    raise AdapterError(f"{where}: layer {name!r} expected a 'lora' or 'dora' conditioning "
+                       f"(PEFT has no equivalent of the others), got "
+                       f"{'an update and ' if conditioning.update is not None else ''}"
+                       f"conditioners [{', '.join(described)}]")
+
+
+def _most_common(values: dict[str, Any]) -> Any:
+    counts: dict[Any, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: counts[v])
+
+
+def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
+            adapter_name: str | None = None) -> Path:
+    """Write the ``lora`` or ``dora`` adapter ``adapter_name`` (``None``: the active one) of
+    ``model`` as a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)``
+    loads with equal outputs.
+
+    Per-layer ranks and alphas go to ``rank_pattern``/``alpha_pattern``; a convolution's
+    factors are written in PEFT's ``(r, in, kh, kw)``/``(out, r, 1, 1)`` layout. The write is
+    atomic, as :func:`weightcond.save_adapter`'s.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        weightcond.AdapterError: a layer conditioned otherwise than ``lora``/``dora`` (PEFT
+            cannot express it), a mix of the two, a grouped convolution, no such adapter.
+    """
+    where = "to_peft"
+    _, found = _adapter_layers(model, adapter_name, where)
+    kinds = {name: _export_kind(name, layer, c, where) for name, layer, c in found}
+    if len(set(kinds.values())) > 1:
+        raise AdapterError(f"{where}: PEFT stores one of LoRA and DoRA per adapter; this one "
+                           f"mixes them ({', '.join(f'{n!r}: {k}' for n, k in kinds.items())})")
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    conv1d = []
+    for name, layer, c in found:
+        kind = _adapters(layer).kind
+        if getattr(layer, "groups", 1) != 1:
+            raise AdapterError(f"{where}: layer {name!r} is a grouped convolution, which "
+                               f"PEFT's LoRA does not support")
+        conv1d.append(kind.name == "Conv1D")
+        stored = layer.parametrizations.weight.original.shape
+        update = c.update
+        ranks[name], alphas[name] = update.rank, update.alpha
+        ones = (1,) * kind.kernel
+        kernel = tuple(stored[2:]) if kind.kernel else ()
+        key = _PREFIX + name
+        tensors[f"{key}.lora_A.weight"] = update.A.detach().reshape(update.rank, -1, *kernel)
+        tensors[f"{key}.lora_B.weight"] = update.B.detach().reshape(-1, update.rank, *ones)
+        if kinds[name] == "dora":
+            magnitude = c.conditioners()[0].transform.magnitude.detach()
+            tensors[f"{key}.lora_magnitude_vector"] = (
+                magnitude.reshape(1, -1, *ones) if kind.kernel else magnitude)
+    rank, alpha = _most_common(ranks), _most_common(alphas)
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+        "r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "use_dora": next(iter(kinds.values())) == "dora", "use_rslora": False,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(conv1d),
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+    target = Path(path)
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _write_atomically(target, config, tensors, save_file, where)
+    return target
