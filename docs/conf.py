@@ -90,7 +90,8 @@ intersphinx_mapping = {} if OFFLINE else {
 }
 intersphinx_timeout = 10
 
-_EXTERNAL = r"(torch|typing|collections|builtins|enum|contextlib|einops|geotorch)(\..*)?"
+_EXTERNAL = (r"(torch|typing|collections|builtins|enum|contextlib|einops|geotorch|os|pathlib|json"
+             r"|safetensors|transformers|peft)(\..*)?")
 _BUILTINS = (r"(int|float|str|bool|bytes|object|type|dict|list|tuple|set|frozenset|None|"
              r"Ellipsis|Exception|ValueError|TypeError|KeyError|RuntimeError|Any|Callable|"
              r"Iterator|Iterable|Mapping|Generic|T|ClassVar|Tensor)")

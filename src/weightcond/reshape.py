@@ -1,7 +1,8 @@
 """The one boundary that views a layer's weight as an ``(out, in)`` matrix.
 
 Every other module works with ``(out, in)`` matrices and activations whose last dimension
-is ``in``. A layer type is supported by adding one entry to :data:`LAYER_KINDS`:
+is ``in``. A layer type is supported by adding one entry to
+:data:`~weightcond.reshape.LAYER_KINDS`:
 
 * :class:`torch.nn.Linear` — the weight is ``(out, in)``;
 * ``transformers.pytorch_utils.Conv1D`` (GPT-2 family) — the weight is stored transposed,
@@ -72,6 +73,7 @@ def _stored_weight(layer: nn.Module) -> Tensor:
     return layer.weight  # type: ignore[no-any-return]
 
 
+#: The supported layer types, tried in order.
 LAYER_KINDS: tuple[LayerKind, ...] = (
     LayerKind(
         name="Linear", matches=lambda m: isinstance(m, nn.Linear),
@@ -92,7 +94,8 @@ _SUPPORTED = "torch.nn.Linear, transformers' Conv1D (GPT-2), torch.nn.Conv2d"
 
 
 def layer_kind(layer: object, where: str) -> LayerKind:
-    """The :class:`LayerKind` of ``layer``; a :class:`LayerTypeError` names the supported ones."""
+    """The :class:`LayerKind` of ``layer``; a :class:`~weightcond.LayerTypeError` names the
+    supported ones."""
     for kind in LAYER_KINDS:
         if kind.matches(layer):
             return kind
