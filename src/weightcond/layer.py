@@ -151,7 +151,18 @@ def is_conditioned(layer: nn.Module) -> bool:
     """Whether ``layer`` carries weightcond conditioning."""
     return (parametrize.is_parametrized(layer, "weight")
             and isinstance(layer.parametrizations.weight[0], Adapters)
-            and type(layer).__bases__[0] in _CONDITIONED_CLASSES.values())
+            and any(c in _CONDITIONED_CLASSES.values() for c in type(layer).__mro__))
+
+
+def _require_own_class(layer: nn.Module, where: str) -> None:
+    """Removing the parametrizations restores ``__bases__[0]`` (parametrize's rule), which is
+    weightcond's class only if nothing swapped the class again after conditioning
+    (``torch.distributed.fsdp.fully_shard`` does: ``FSDP<class>``)."""
+    if type(layer).__bases__[0] not in _CONDITIONED_CLASSES.values():
+        raise StateError(f"{where}: argument 'module' expected conditioned layers whose class "
+                         f"is weightcond's, got {type(layer).__name__}, whose class was "
+                         f"swapped after conditioning (e.g. by fully_shard); load its full "
+                         f"state dict into an unwrapped copy and call {where} on that")
 
 
 def _adapters(layer: nn.Module) -> Adapters:
@@ -568,6 +579,8 @@ def _require_layers(module: nn.Module, where: str) -> list[nn.Module]:
     if not layers:
         raise StateError(f"{where}: argument 'module' expected a conditioned layer or a model "
                          f"containing one, got an unconditioned {type(module).__name__}")
+    for layer in layers:
+        _require_own_class(layer, where)
     return layers
 
 

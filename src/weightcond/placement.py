@@ -205,11 +205,16 @@ class _ScaleAdd(torch.autograd.Function):
         grad_d = None
         if ctx.needs_input_grad[1]:
             accumulate = compute_dtype(d.dtype)
-            grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
-            chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
-            for start in range(0, grad.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
+            if torch.compiler.is_compiling():
+                # the compiler fuses the product into the reduction (no temporary), and a
+                # Python loop over the tokens would specialize the graph on their count
+                grad_d = (grad * y).sum(0, dtype=accumulate)
+            else:
+                grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
+                chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
+                for start in range(0, grad.shape[0], chunk):
+                    rows = slice(start, start + chunk)
+                    grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
             grad_d = grad_d.to(d.dtype)
         grad_addend = None
         if ctx.needs_input_grad[2]:
@@ -222,11 +227,17 @@ def _merge_low_rank(terms: list[_LowRank]) -> list[tuple[Tensor, Tensor]]:
     share one GEMM (their left factors stacked), and all terms share one output GEMM."""
     if not terms:
         return []
-    groups: dict[int, list[_LowRank]] = {}
+    # grouped by identity with `is`, not by `id()`: torch.compile guards on the identity of
+    # a tensor passed to id(), which recompiles the model for every new input
+    groups: list[list[_LowRank]] = []
     for term in terms:
-        groups.setdefault(id(term.input), []).append(term)
+        group = next((g for g in groups if g[0].input is term.input), None)
+        if group is None:
+            groups.append([term])
+        else:
+            group.append(term)
     ts, rights = [], []
-    for group in groups.values():
+    for group in groups:
         x = group[0].input
         x = x.reshape(-1, x.shape[-1])
         left = torch.cat([g.left for g in group]) if len(group) > 1 else group[0].left
@@ -279,7 +290,11 @@ def _run(base: Callable[[], Tensor], steps: list[_Step]) -> Tensor:
         i = j
     if pending is not None:
         y = _ScaleAdd.apply(y, pending, None)
-    return y.view(shape)
+    # Note (no view out): like nn.Linear, return a tensor that is not an autograd view of the
+    # 2-D temporary. FSDP2 hooks a sharded module's output for its pre-backward all-gather;
+    # an in-place op on a view output (`out += residual`) would drop that hook (FSDP2 warns).
+    # The 2-D tensor is private to this call, so the alias is never observable.
+    return torch.ops.aten._unsafe_view(y, shape)
 
 
 class Conditioning(nn.Module):

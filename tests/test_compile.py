@@ -1,0 +1,134 @@
+"""Every preset under ``torch.compile``: compiled forward and backward equal eager, the
+forward traces as one graph (no graph breaks, matrix-free or dense), and a compiled model
+is reused for new inputs, after optimizer steps and (with ``dynamic=True``) for every token
+count of one fold regime (see Note (folded rotations) in ``placement.py``).
+
+The numerical comparison runs Inductor when a C++ compiler is on the path (Inductor's CPU
+backend needs one), otherwise ``aot_eager`` (which still runs AOTAutograd's traced
+backward, but compares bit-identical kernels). Graph breaks and recompilations are decided
+by Dynamo alone, so those tests use the cheap ``eager`` backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import weightcond as wc
+
+from helpers import PRESET_NAMES, randomize, trainable
+
+pytestmark = [
+    # torch 2.13 internals, not weightcond: importing Inductor imports torch.utils.mkldnn,
+    # which still decorates with torch.jit.script_method; Dynamo instantiates the ctx of
+    # every autograd.Function it traces (here `_ScaleAdd`, the diagonal steps' fused
+    # multiply-add) through Function.__init__, which warns
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be "
+                               "instantiated:DeprecationWarning"),
+]
+
+BACKEND = "inductor" if shutil.which(os.environ.get("CXX") or "g++") else "aot_eager"
+DIM = 32
+TOKENS = 16  # fold regime: TOKENS · 4 >= DIM
+
+# Recompiles are errors: every preset compiles once per input shape and never per input
+# object (grouping low-rank terms by `id()` of their input once made Dynamo guard on the
+# tensor's identity) and, under dynamic shapes, never per token count (a Python loop over
+# token chunks in `_ScaleAdd.backward` once specialized it).
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def model_for(name: str) -> nn.Sequential:
+    """Two conditioned ``DIM × DIM`` layers around a nonlinearity, at a random point."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM))
+    model.requires_grad_(False)
+    options = {"rank": 4} if wc.PRESETS[name].update else {}
+    for layer in (model[0], model[2]):
+        wc.apply_preset(layer, name, **options)
+    randomize(model)
+    return model
+
+
+def forward_backward(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor,
+                     cotangent: torch.Tensor) -> list[torch.Tensor]:
+    y = model(x)
+    return [y.detach(), *torch.autograd.grad(y, params, cotangent)]
+
+
+def graph_breaks() -> dict[str, int]:
+    return dict(counters["graph_break"])
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_compiled_matches_eager(name: str) -> None:
+    model = model_for(name)
+    params = [p for _, p in trainable(model)]
+    x, cotangent = torch.randn(2, TOKENS, DIM).unbind()
+    expected = forward_backward(model, params, x, cotangent)
+    compiled = torch.compile(model, backend=BACKEND, dynamic=False)
+    got = forward_backward(compiled, params, x, cotangent)
+    assert graph_breaks() == {}
+    assert graphs() == 1
+    # Inductor fuses and reorders the reductions: a few ulps of the largest entry per
+    # accumulation over the dimension
+    eps = torch.finfo(x.dtype).eps
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=DIM * eps * e.abs().max().item())
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("dense", [False, True], ids=["matrix_free", "dense"])
+def test_one_graph_without_breaks(name: str, dense: bool) -> None:
+    """``dense`` traces ``layer.weight`` through torch.nn.utils.parametrize."""
+    model = model_for(name)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    with wc.dense_forward(model) if dense else contextlib.nullcontext():
+        compiled(torch.randn(TOKENS, DIM)).square().sum().backward()
+    assert graph_breaks() == {}
+    assert graphs() == 1
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_new_inputs_and_steps_reuse_the_graph(name: str) -> None:
+    model = model_for(name)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # fail fast, with the guard
+        for _ in range(2):
+            compiled(torch.randn(TOKENS, DIM)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert graphs() == 1
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_dynamic_token_counts_reuse_the_graph(name: str) -> None:
+    """Within one fold regime; crossing it (fewer than ``DIM / 4`` tokens) compiles once
+    more, by design."""
+    model = model_for(name)
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for tokens in (TOKENS, 2 * TOKENS):
+            compiled(torch.randn(tokens, DIM)).square().sum().backward()
+    assert graph_breaks() == {}
+    assert graphs() == 1
