@@ -5,11 +5,12 @@ An adapter directory holds two files:
 * ``adapter_config.json`` — the format and library version and, for every conditioned
   layer, its kind and shape, the update's rank and alpha, and every conditioner's
   placement, side, transform name, options and ``condition_bias``: enough to rebuild each
-  conditioner exactly (the released SORA code loses its rotation on reload; this does not);
+  conditioner exactly (the released SORA code loses its rotation on reload; this does not),
+  and the SHA-256 of the tensors, so a corrupted tensors file fails to load;
 * ``adapter_model.safetensors`` — every tensor of each layer's adapter, under
   ``<layer name>.<key in the adapter's state_dict>``.
 
-Nothing is ever unpickled: :mod:`json` and `safetensors <https://huggingface.co/docs/
+Nothing is ever unpickled: ``json`` and `safetensors <https://huggingface.co/docs/
 safetensors>`_ only (we chose safetensors for tensors on disk: a fixed header, no code).
 Writes go to a temporary directory beside the target that is renamed into place, so a
 failed save leaves no half-written adapter. A load validates the whole file and builds
@@ -18,18 +19,19 @@ every conditioner before it changes the model, so any failure leaves the model a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterError, StateError, WeightcondError
+from .errors import AdapterError, OptionError, StateError, WeightcondError
 from .layer import (
     _adapters,
     _add_conditioner,
@@ -56,6 +58,20 @@ FORMAT_VERSION = 1
 def _version() -> str:
     from . import __version__
     return __version__
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes.
+
+    safetensors has no checksum: bytes changed in the data region of the file load without
+    complaint, so the configuration records this digest and a load compares it.
+    """
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
+    return h.hexdigest()
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -165,6 +181,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         config["layers"][name] = record
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    config["tensors_sha256"] = _digest(tensors)
     target = Path(path)
     _write_atomically(target, config, tensors, save_file, where)
     return target
@@ -177,8 +194,7 @@ def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, T
         raise AdapterError(f"{where}: argument 'path' expected a new directory or a saved "
                            f"adapter to replace, got {str(target)!r}, which holds other files")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
-                                    dir=target.parent))
+    staging = _staging_directory(target)
     old = staging.with_suffix(".old")
     try:
         save_file(tensors, staging / TENSORS_NAME, metadata={"format": "pt"})
@@ -200,6 +216,19 @@ def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, T
             os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_directory(target: Path) -> Path:
+    """A new empty directory beside ``target``. Not :func:`tempfile.mkdtemp`: its directory is
+    mode 0o700 and the rename keeps that, so the adapter would be unreadable to other users;
+    :meth:`~pathlib.Path.mkdir` gives the mode of any directory the user creates (umask)."""
+    while True:
+        staging = target.parent / f".{target.name}.{secrets.token_hex(6)}.partial"
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        return staging
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -224,6 +253,9 @@ def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file "
                            f"(truncated, corrupted or another format): {error}") from None
+    if _digest(tensors) != config["tensors_sha256"]:
+        raise AdapterError(f"{where}: {TENSORS_NAME} does not match the SHA-256 recorded in "
+                           f"{CONFIG_NAME} (corrupted, or not the file saved with it)")
     return config, tensors
 
 
@@ -241,7 +273,14 @@ def _check_config(config: Any, where: str) -> None:
     _expect(isinstance(version, int) and 1 <= version <= FORMAT_VERSION, where,
             f"format_version expected 1..{FORMAT_VERSION}, got {version!r} (saved by weightcond "
             f"{config.get('weightcond_version')!r}; this is {_version()})")
-    _expect(isinstance(config.get("adapter_name"), str), where, "'adapter_name' expected a str")
+    try:
+        check_adapter_name(where, config.get("adapter_name"))
+    except OptionError:
+        _expect(False, where, f"'adapter_name' expected a name of letters, digits, '_' and '-', "
+                              f"got {config.get('adapter_name')!r}")
+    digest = config.get("tensors_sha256")
+    _expect(isinstance(digest, str) and len(digest) == 64, where,
+            f"'tensors_sha256' expected a SHA-256 hex digest, got {digest!r}")
     layers = config.get("layers")
     _expect(isinstance(layers, dict) and bool(layers), where, "'layers' expected a non-empty "
             "object")
@@ -378,8 +417,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
             _fill(layer_name, conditioning, record, tensors, where)
         except (AdapterError, StateError):
             raise
-        except WeightcondError as error:
-            raise AdapterError(f"{where}: layer {layer_name!r}: {error}") from None
+        except WeightcondError as error:  # the builders' messages already start with where
+            message = str(error).removeprefix(f"{where}: ")
+            raise AdapterError(f"{where}: layer {layer_name!r}: {message}") from None
         built.append((layer_name, conditioning))
     installed: list[tuple[nn.Module, str | None]] = []
     try:
