@@ -208,6 +208,19 @@ def test_per_target_overrides() -> None:
             ] == ["magnitude"]
 
 
+def test_an_override_preset_applies_to_every_layer_it_matches() -> None:
+    model = bert()
+    report = wc.condition(model, "sora", target_modules=["query", "key"],
+                          overrides={"key": {"preset": "dora", "rank": 2}})
+    assert report.layers == {"encoder.layer.0.attention.self.query": "sora",
+                             "encoder.layer.0.attention.self.key": "dora",
+                             "encoder.layer.1.attention.self.query": "sora",
+                             "encoder.layer.1.attention.self.key": "dora"}
+    for name, layer in wc.conditioned_layers(model):
+        expected = ["magnitude"] if name.endswith("key") else ["diag", "skew"]
+        assert [c.transform.name for c in wc.conditioners(layer)] == expected
+
+
 @pytest.mark.parametrize("call, error, pattern", [
     (lambda m: wc.condition(m, "lora", target_modules=["quary"]), wc.UnknownNameError,
      r"condition: argument 'target_modules': 'quary' matches no module; near names: 'query'"),

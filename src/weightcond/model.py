@@ -276,10 +276,10 @@ def _plan(names: list[str], preset: str | Preset, overrides: Mapping[str, Mappin
             raise UnknownNameError(f"{where}: argument 'overrides': {pattern!r} matches none of "
                                    f"the targeted layers ({', '.join(map(repr, names[:8]))}"
                                    f"{', …' if len(names) > 8 else ''})")
+        options = {k: v for k, v in change.items() if k != "preset"}
         for n in hit:
             layer_preset, layer_options = plan[n]
-            change = dict(change)
-            plan[n] = (change.pop("preset", layer_preset), {**layer_options, **change})
+            plan[n] = (change.get("preset", layer_preset), {**layer_options, **options})
     return plan
 
 

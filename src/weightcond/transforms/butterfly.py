@@ -52,7 +52,9 @@ class Butterfly(Transform):
                  map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
         super().__init__(dim)
         require_plane("butterfly", dim)
-        self.factors = check_int("butterfly", "factors", factors)
+        # blocks of at least 2 times 2^(factors - 1) must fit in dim
+        self.factors = check_int("butterfly", "factors", factors, high=max(1, dim.bit_length() - 1),
+                                 what="log2 of the side dimension")
         span = 2 ** (factors - 1)
         if block_size is None:
             block_size = max((b for b in range(2, 33) if dim % (b * span) == 0

@@ -43,7 +43,9 @@ class Givens(Transform):
         super().__init__(dim)
         require_plane("givens", dim)
         stages = max(1, math.ceil(math.log2(dim)))
-        self.rounds = check_int("givens", "rounds", stages if rounds is None else rounds)
+        # n - 1 rounds already hold as many angles as a dense rotation has
+        self.rounds = check_int("givens", "rounds", stages if rounds is None else rounds,
+                                high=max(1, dim - 1), what="the side dimension - 1")
         partner, sign, slot = [], [], []
         count = 0
         for r in range(self.rounds):
