@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, interleaved_medians, step_peak_bytes
+from common import Settings, interleaved_medians
 
 import weightcond as wc
+from weightcond.profiling import step_peak_bytes
 
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 1024)]  # (out, in)
 QUICK_SHAPES = [(256, 256)]

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, interleaved_medians, step_peak_bytes
+from common import Settings, interleaved_medians
 
 import weightcond as wc
+from weightcond.profiling import step_peak_bytes
 
 TARGETS = ["query", "key", "value", "dense"]
 BATCH, LENGTH = 32, 64

