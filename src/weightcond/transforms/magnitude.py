@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..errors import check_bool, check_positive
 from . import register_transform
-from .base import Transform
+from .base import Transform, compute_dtype
 
 
 @register_transform("magnitude")
@@ -52,7 +52,10 @@ class Magnitude(Transform):
     def diagonal(self, norms: Tensor | None = None) -> Tensor:
         if norms is None:
             raise TypeError("magnitude.diagonal() needs the norms of the conditioned matrix")
-        return self.magnitude / self.floor(norms).to(self.magnitude.dtype)
+        # in the solve dtype (Note (small solves)): in float16 the attached norm's gradient,
+        # -m / ‖M‖², overflows for lines of norm ~1e-3
+        m = self.magnitude
+        return (m.to(compute_dtype(m.dtype)) / self.floor(norms)).to(m.dtype)
 
     def initialize(self, norms: Tensor) -> None:
         with torch.no_grad():

@@ -61,8 +61,22 @@ def cayley_neumann(s: Tensor, terms: int) -> Tensor:
 
 
 def matrix_exp(s: Tensor) -> Tensor:
-    """Dense matrix exponential (batched over leading dims)."""
-    return torch.linalg.matrix_exp(s)
+    """Dense matrix exponential (batched over leading dims).
+
+    Note (singleton matrix_exp): ``torch.linalg.matrix_exp`` of a single matrix picks a
+    Taylor degree from its 1-norm, and its degree-8 polynomial has a wrong coefficient
+    (pytorch/pytorch#196592): a rotation by 0.5 rad comes out with error 2.5e-5 in float32
+    (0.04 rad: 8e-11 in float64) instead of a few eps, and so does the orthogonality of
+    ``Orthogonal``/``Block``/``Butterfly`` with ``map="exp"`` whenever one matrix is
+    exponentiated alone. A batch of two or more always takes the highest-degree path, so a
+    lone matrix is exponentiated next to a zero matrix (twice the work of that one call).
+    :func:`lowrank_core`'s ``φ`` block has 1-norm >= 1, above the degree-8 range, and needs
+    no such care.
+    """
+    if s.shape[:-2].numel() != 1:
+        return torch.linalg.matrix_exp(s)
+    one = s.reshape(s.shape[-2:])
+    return torch.linalg.matrix_exp(torch.stack([one, torch.zeros_like(one)]))[0].reshape(s.shape)
 
 
 def first_order(s: Tensor) -> Tensor:

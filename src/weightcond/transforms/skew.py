@@ -27,10 +27,11 @@ class Skew(Transform):
     :math:`Q = I`. With ``temperature=True``, :math:`t = \min(1/(\|C\|_F + \|D\|_F + 10^{-6}),
     1)` (differentiable), as in the SORA authors' code; otherwise :math:`t = 1`.
 
-    Writing :math:`S = P K P^\top` with :math:`P = [D, C]` and :math:`K = t\,[[0, I], [-I, 0]]`,
-    every map is :math:`I + P M P^\top` with a ``(2k, 2k)`` core :math:`M`
-    (:func:`~weightcond.transforms.maps.lowrank_core`): Cayley by one ``2k × 2k`` solve,
-    exp by the :math:`\varphi` function of a ``2k × 2k`` matrix. Cayley and exp are exactly
+    Writing :math:`S = P K P^\top` with :math:`P = [D - C, (D + C)/2]` (Note (difference
+    factor) in :meth:`factors`) and :math:`K = t\,[[0, I], [-I, 0]]`, every map is
+    :math:`I + P M P^\top` with a ``(2k, 2k)`` core :math:`M`
+    (:func:`~weightcond.transforms.maps.lowrank_core`): Cayley by one ``2k × 2k`` solve, exp
+    by the :math:`\varphi` function of a ``2k × 2k`` matrix. Cayley and exp are exactly
     orthogonal (det +1); first order is not. Cost per token :math:`O(n k)`; ``2 n k``
     parameters. This is the rotation of SORA ("Calibrating and Rotating", arXiv 2511.00051).
 
@@ -79,16 +80,25 @@ class Skew(Transform):
         return (1.0 / (norms + 1e-6)).clamp(max=1.0)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """``(P, M)`` with :math:`Q = I + P M P^\\top`; ``M`` in the solve dtype."""
+        """``(P, M)`` with :math:`Q = I + P M P^\\top`, both in the solve dtype.
+
+        Note (difference factor): :math:`D C^\\top - C D^\\top = E A^\\top - A E^\\top` with
+        :math:`E = D - C` and :math:`A = (D + C)/2`, so :math:`P = [E, A]` serves as well as
+        :math:`[D, C]`. With :math:`[D, C]`, :math:`P M P^\\top` is a sum of products of size
+        :math:`\\|C\\|^2` that cancel to :math:`Q - I` (zero at init, where :math:`D = C`), and
+        its rounding, about :math:`\\epsilon \\|P\\|^2 \\|M\\|`, broke ``10 · n · eps``
+        orthogonality near the identity when ``rank`` is close to ``n`` (up to 37 · n · eps
+        at n = k = 2 in float32); with :math:`E` every term carries the small difference, and
+        far from the identity :math:`[E, A]` is as accurate as :math:`[D, C]` (measured).
+        """
         dtype = compute_dtype(self.C.dtype)
-        p = torch.cat([self.D, self.C], dim=-1)
-        p32 = p.to(dtype)
-        core = lowrank_core(self.scale() * self._j.to(dtype), p32.mT @ p32, self.map)
+        c, d = self.C.to(dtype), self.D.to(dtype)
+        p = torch.cat([d - c, (d + c) / 2], dim=-1)
+        core = lowrank_core(self.scale() * self._j.to(dtype), p.mT @ p, self.map)
         return p, core
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
         p, core = self.factors()
-        p = p.to(core.dtype)
         return p, p @ core.mT  # I + P M Pᵀ = I + U Vᵀ with U = P, V = P Mᵀ
 
     def extra_repr(self) -> str:
