@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import check_bool, check_choice, check_int
 from . import register_transform
 from .base import Transform, compute_dtype
-from .maps import EXACT_MAPS, MAP_NAMES, lowrank_core
+from .maps import DENSE_MAPS, EXACT_MAPS, MAP_NAMES, lowrank_core
 
 
 @register_transform("skew")
@@ -27,13 +27,15 @@ class Skew(Transform):
     :math:`Q = I`. With ``temperature=True``, :math:`t = \min(1/(\|C\|_F + \|D\|_F + 10^{-6}),
     1)` (differentiable), as in the SORA authors' code; otherwise :math:`t = 1`.
 
-    Writing :math:`S = P K P^\top` with :math:`P = [D - C, (D + C)/2]` (Note (difference
-    factor) in :meth:`factors`) and :math:`K = t\,[[0, I], [-I, 0]]`, every map is
-    :math:`I + P M P^\top` with a ``(2k, 2k)`` core :math:`M`
-    (:func:`~weightcond.transforms.maps.lowrank_core`): Cayley by one ``2k × 2k`` solve, exp
-    by the :math:`\varphi` function of a ``2k × 2k`` matrix. Cayley and exp are exactly
+    Writing :math:`S = P K P^\top` with :math:`P = [D, C]` and :math:`K = t\,[[0, I], [-I, 0]]`,
+    every map is :math:`I + P M P^\top` with a ``(2k, 2k)`` core :math:`M`
+    (:func:`~weightcond.transforms.maps.lowrank_core`): Cayley by one ``2k × 2k`` solve,
+    exp by the :math:`\varphi` function of a ``2k × 2k`` matrix. Cayley and exp are exactly
     orthogonal (det +1); first order is not. Cost per token :math:`O(n k)`; ``2 n k``
     parameters. This is the rotation of SORA ("Calibrating and Rotating", arXiv 2511.00051).
+    When :math:`2k \ge n` the low-rank form is no cheaper than the dense one, and the
+    ``n × n`` map of :math:`S` is used instead (Note (dense when 2k >= n) in
+    :meth:`low_rank`).
 
     Args:
         dim: the side dimension ``n``.
@@ -82,22 +84,39 @@ class Skew(Transform):
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(P, M)`` with :math:`Q = I + P M P^\\top`, both in the solve dtype.
 
-        Note (difference factor): :math:`D C^\\top - C D^\\top = E A^\\top - A E^\\top` with
-        :math:`E = D - C` and :math:`A = (D + C)/2`, so :math:`P = [E, A]` serves as well as
-        :math:`[D, C]`. With :math:`[D, C]`, :math:`P M P^\\top` is a sum of products of size
-        :math:`\\|C\\|^2` that cancel to :math:`Q - I` (zero at init, where :math:`D = C`), and
-        its rounding, about :math:`\\epsilon \\|P\\|^2 \\|M\\|`, broke ``10 · n · eps``
-        orthogonality near the identity when ``rank`` is close to ``n`` (up to 37 · n · eps
-        at n = k = 2 in float32); with :math:`E` every term carries the small difference, and
-        far from the identity :math:`[E, A]` is as accurate as :math:`[D, C]` (measured).
+        Note (balanced factors): :math:`P K P^\\top = (P W)(W^{-1} K W^{-1})(P W)^\\top` for
+        any invertible diagonal :math:`W`; with :math:`W` the inverse column norms of
+        :math:`[D, C]` (a constant for autograd: the product does not depend on it), the
+        core's ``2k × 2k`` problem is balanced. Without it, when :math:`\\|D\\| \\gg \\|C\\|`
+        (or the reverse) ``map="exp"`` lost orthogonality far beyond its bound (measured
+        ``max|QᵀQ - I|`` = 5e6 · n · eps at ``‖S‖₂`` = 1e4, float32; 35 · n · eps balanced).
         """
         dtype = compute_dtype(self.C.dtype)
-        c, d = self.C.to(dtype), self.D.to(dtype)
-        p = torch.cat([d - c, (d + c) / 2], dim=-1)
-        core = lowrank_core(self.scale() * self._j.to(dtype), p.mT @ p, self.map)
-        return p, core
+        p = torch.cat([self.D, self.C], dim=-1).to(dtype)
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(p, dim=0)
+            w = torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms))
+        p = p * w
+        k = self.scale() * self._j.to(dtype) / (w[:, None] * w)
+        return p, lowrank_core(k, p.mT @ p, self.map)
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
+        """``(U, V)`` with :math:`Q = I + U V^\\top`: ``(P, P Mᵀ)``, both ``(n, 2k)``, or
+        ``(Q - I, I)``, both ``(n, n)``, when ``2k >= n``.
+
+        Note (dense when 2k >= n): then :math:`P` has more columns than rows, :math:`P^\\top P`
+        is singular and near the identity (:math:`D \\approx C`) :math:`P M P^\\top` is a sum
+        of terms of size :math:`\\|C\\|^2` that cancel to :math:`Q - I` (measured up to
+        37 · n · eps of orthogonality error at n = k = 2, float32). The ``n × n`` map of
+        :math:`S = t\\,(D C^\\top - C D^\\top)` costs no more there and has no such terms; it
+        is returned as ``(Q - I, I)``.
+        """
+        if 2 * self.rank >= self.dim:
+            dtype = compute_dtype(self.C.dtype)
+            x = self.D.to(dtype) @ self.C.to(dtype).mT
+            q = DENSE_MAPS[self.map](self.scale() * (x - x.mT))
+            eye = torch.eye(self.dim, dtype=dtype, device=q.device)
+            return q - eye, eye
         p, core = self.factors()
         return p, p @ core.mT  # I + P M Pᵀ = I + U Vᵀ with U = P, V = P Mᵀ
 
