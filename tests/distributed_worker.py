@@ -5,7 +5,9 @@ Launched as ``python -m torch.distributed.run --nproc_per_node=2 distributed_wor
 :data:`WRAPPERS` each rank trains :func:`build_model` on its half of every global batch of
 :func:`batches`; rank 0 then writes ``OUT/<preset>-<wrapper>.pt`` with the full parameters
 and gradients after the last step, the trained model's output on :func:`probe`, and the
-output of a copy whose conditioned layers were merged with :func:`weightcond.merge`. The
+output of a copy whose conditioned layers were merged with :func:`weightcond.merge`, and
+saves the trained adapter with :func:`weightcond.save_adapter` to
+``OUT/<preset>-<wrapper>-adapter``. The
 pytest process compares them with :func:`train` on the full batches in one process.
 
 * ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel`; rank 0 merges a deep copy
@@ -48,11 +50,16 @@ STEPS = 3
 DTYPE = torch.float64
 
 
-def build_model(preset: str) -> nn.Sequential:
-    """Two conditioned ``DIM × DIM`` layers around a nonlinearity, the same on every rank."""
+def build_base() -> nn.Sequential:
+    """The frozen base model: two ``DIM × DIM`` layers around a nonlinearity."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM)).to(DTYPE)
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def build_model(preset: str) -> nn.Sequential:
+    """The base with both layers conditioned, the same on every rank."""
+    model = build_base()
     for layer in (model[0], model[2]):
         wc.apply_preset(layer, preset, rank=4)
     randomize(model)
@@ -97,7 +104,8 @@ def _merged_output(model: nn.Module) -> torch.Tensor:
     return merged(probe())
 
 
-def run(preset: str, wrapper: str, rank: int, world: int) -> dict[str, object] | None:
+def run(preset: str, wrapper: str, rank: int, world: int, out: Path
+        ) -> dict[str, object] | None:
     """Train under ``wrapper``; on rank 0 return what the test compares (collectives run on
     every rank)."""
     model = build_model(preset)
@@ -123,6 +131,7 @@ def run(preset: str, wrapper: str, rank: int, world: int) -> dict[str, object] |
             replica.load_state_dict(state)
     if rank != 0:
         return None
+    wc.save_adapter(replica, out / f"{preset}-{wrapper}-adapter")  # after training, unsharded
     with torch.no_grad():
         return {"params": params, "grads": grads, "output": output,
                 "replica_output": replica(probe()), "merged_output": _merged_output(replica),
@@ -136,7 +145,7 @@ def main(out: Path) -> None:
     try:
         for preset in PRESETS:
             for wrapper in WRAPPERS:
-                result = run(preset, wrapper, rank, world)
+                result = run(preset, wrapper, rank, world, out)
                 if result is not None:
                     torch.save(result, out / f"{preset}-{wrapper}.pt")
                 dist.barrier()

@@ -53,7 +53,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], d
             pytest.fail(f"the workers did not finish in {TIMEOUT_S} s\n{_logs(stdout, stderr)}")
     if run.returncode != 0:
         pytest.fail(f"the workers exited with {run.returncode}\n{_logs(stdout, stderr)}")
-    return {(p, w): torch.load(out / f"{p}-{w}.pt") for p, w in RUNS}
+    loaded = {(p, w): torch.load(out / f"{p}-{w}.pt") for p, w in RUNS}
+    for p, w in RUNS:
+        loaded[p, w]["adapter"] = out / f"{p}-{w}-adapter"
+    return loaded
 
 
 def _logs(stdout: str, stderr: str) -> str:
@@ -115,3 +118,13 @@ def test_output_is_not_a_view(name: str) -> None:
     wc.apply_preset(layer, name, **({"rank": 4} if wc.PRESETS[name].update else {}))
     for shape in ((3, worker.DIM), (2, 3, worker.DIM)):
         assert not layer(torch.randn(shape, dtype=worker.DTYPE))._is_view()
+
+
+@pytest.mark.parametrize("preset, wrapper", RUNS)
+def test_the_adapter_saved_after_training_reloads(results, preset: str, wrapper: str) -> None:
+    """Saved on rank 0 from the unsharded model, loaded onto a fresh base in this process."""
+    got = results[preset, wrapper]
+    fresh = worker.build_base()
+    wc.load_adapter(fresh, got["adapter"])
+    with torch.no_grad():
+        assert torch.equal(fresh(worker.probe()), got["replica_output"])

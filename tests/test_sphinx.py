@@ -46,9 +46,11 @@ def test_html_builds_without_warnings(tmp_path: Path, doctrees: Path) -> None:
     assert result.returncode == 0, log[-6000:]
     assert "WARNING" not in log, log[-6000:]
     # every public name has its entry in the reference: an anchor id="weightcond.<name>"
-    # (id="module-weightcond.<name>" for a module) on the API page or a transform's page
+    # (id="module-weightcond.<name>" for a module) on the API page, a transform's page or
+    # the diagnostics page (which holds weightcond.analysis)
     pages = "".join(p.read_text(encoding="utf-8") for p in [
-        tmp_path / "html" / "api.html", *(tmp_path / "html" / "transforms").glob("*.html")])
+        tmp_path / "html" / "api.html", tmp_path / "html" / "diagnostics.html",
+        *(tmp_path / "html" / "transforms").glob("*.html")])
     public = [(weightcond, n) for n in weightcond.__all__ if n != "__version__"]
     public += [(weightcond.transforms, n) for n in weightcond.transforms.__all__]
     missing = []

@@ -11,7 +11,7 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 (:data:`PRESETS`).
 """
 
-from . import interop
+from . import analysis, interop
 from .errors import (
     AdapterError,
     LayerTypeError,
@@ -64,6 +64,7 @@ __all__ = [
     "WeightcondError",
     "__version__",
     "adapter_names",
+    "analysis",
     "apply_preset",
     "condition",
     "conditioned_layers",

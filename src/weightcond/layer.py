@@ -243,11 +243,13 @@ def _install(layer: nn.Module, adapter_name: str, conditioning: Conditioning) ->
     parametrizations on first use, the bias parametrization when a conditioner needs it."""
     if not is_conditioned(layer):
         kind = layer_kind(layer, "weightcond")
+        layer._weightcond_order = list(layer._parameters)  # restored by _strip
         layer.__class__ = _conditioned_class(type(layer))
         try:
             parametrize.register_parametrization(layer, "weight", Adapters(kind))
         except Exception:
             layer.__class__ = type(layer).__bases__[0]
+            del layer._weightcond_order
             raise
     adapters = _adapters(layer)
     if adapter_name not in adapters.adapters:
@@ -569,6 +571,15 @@ def _strip(layer: nn.Module) -> None:
         parametrize.remove_parametrizations(layer, "bias", leave_parametrized=False)
     parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
     layer.__class__ = type(layer).__bases__[0]
+    # parametrize re-registers the weight last; put the parameters back in their order
+    # (parameters(), state_dict() and an optimizer's parameter groups follow it)
+    order = layer.__dict__.pop("_weightcond_order", None)
+    if order is not None:
+        params = layer._parameters
+        ordered = {k: params[k] for k in order if k in params}
+        ordered.update({k: v for k, v in params.items() if k not in ordered})
+        params.clear()
+        params.update(ordered)
 
 
 def _require_layers(module: nn.Module, where: str) -> list[nn.Module]:
