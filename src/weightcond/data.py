@@ -76,7 +76,7 @@ class MissingPackageError(WeightcondError, ImportError):
 @dataclass(frozen=True)
 class TextDataset:
     """Labelled texts: ``texts[i]`` has the label ``labels[i]`` (an index into
-    :data:`LABEL_NAMES`)."""
+    :data:`weightcond.data.LABEL_NAMES`)."""
 
     texts: tuple[str, ...]
     labels: tuple[int, ...]
