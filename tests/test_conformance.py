@@ -10,8 +10,8 @@ For every configuration the grid checks, in the layer's own dtype:
 * **identity at init** — the conditioned layer computes what the plain layer computed;
 * **matrix-free == dense** — outputs and gradients (input and every trainable parameter)
   of ``layer(x)`` and of the dense weight (:func:`weightcond.dense_forward`);
-* **merge == forward** — the merged plain layer equals the dense forward bit for bit and
-  the matrix-free forward within the output bound;
+* **merge == forward** — the merged plain layer holds the dense ``W'`` and ``b'`` bit for
+  bit, and its output equals the dense forward within one GEMM's rounding;
 * **orthogonality** — ``t.matrix()`` of every transform with ``t.is_orthogonal``;
 * **finite** outputs and gradients;
 * **deepcopy and state_dict** — a deep copy, and a freshly built layer with the same
