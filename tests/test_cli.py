@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import weightcond as wc
-from weightcond.cli import main
+from weightcond.cli import main, split_presets
 from weightcond.compare import HEAD_ONLY, Settings, parse_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,13 @@ def test_parse_preset() -> None:
         parse_preset("sora:map")
     with pytest.raises(wc.OptionError, match=r"the 'head' baseline takes no options"):
         parse_preset("head:rank=2")
+
+
+def test_split_presets() -> None:
+    assert split_presets("head,lora;sora:map=exp,rotation_rank=8") == [
+        "head", "lora", "sora:map=exp,rotation_rank=8"]
+    assert split_presets("lora, dora") == ["lora", "dora"]
+    assert split_presets("sora:map=exp;dora:eps=1e-5;") == ["sora:map=exp", "dora:eps=1e-5"]
 
 
 def test_the_console_script_is_declared() -> None:

@@ -105,6 +105,13 @@ def _short(name: str) -> str:
     return ".".join(p for p in parts[2:] if p not in ("attention", "self")) or name
 
 
+def split_presets(text: str) -> list[str]:
+    """``--presets``: ``;`` separates specs, and ``,`` too between specs without options
+    (``"head,lora;sora:map=exp,rotation_rank=8"`` → three specs)."""
+    return [name.strip() for part in text.split(";")
+            for name in (part.split(",") if ":" not in part else [part]) if name.strip()]
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import Settings, parse_preset, run
 
@@ -115,8 +122,7 @@ def _compare(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(settings, key, value)
     if args.presets:
-        settings.presets = [p.strip() for p in args.presets.split(",") if p.strip()] \
-            if ":" not in args.presets else args.presets.split(";")
+        settings.presets = split_presets(args.presets)
     if args.seeds:
         settings.seeds = [int(s) for s in args.seeds.split(",")]
     for spec in settings.presets:  # fail on a bad name before anything is written

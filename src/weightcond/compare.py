@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import analysis
 from .errors import OptionError
+from .layer import conditioned_layers
 from .model import condition
 from .presets import PRESETS
 from .profiling import PeakMemory
@@ -223,19 +224,13 @@ def _build(encoder: nn.Module, name: str, options: dict[str, Any], settings: Set
 
 
 def _entropies(model: Classifier) -> dict[str, dict[str, float]]:
-    if not any(True for _ in _conditioned(model)):
+    if not conditioned_layers(model.encoder):  # the head-only baseline
         return {}
     report = analysis.model_report(model.encoder)
     return {name: {"entropy": m.entropy, "energy_entropy": m.energy_entropy,
                    "relative_entropy": m.relative_entropy,
                    "effective_rank": m.effective_rank, "stable_rank": m.stable_rank}
             for name, m in report.items()}
-
-
-def _conditioned(model: Classifier) -> list[str]:
-    from .layer import conditioned_layers
-
-    return [n for n, _ in conditioned_layers(model.encoder)]
 
 
 def environment(settings: Settings) -> dict[str, Any]:

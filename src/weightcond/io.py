@@ -128,8 +128,10 @@ def _adapter_layers(model: nn.Module, adapter_name: str | None, where: str
     if adapter_name is None:
         active = {_adapters(layer).active for _, layer in layers} - {None}
         if len(active) != 1:
-            raise AdapterError(f"{where}: argument 'adapter_name' is needed: the model's layers "
-                               f"have {'no active adapter' if not active else 'the active adapters ' + ', '.join(map(repr, sorted(active)))}")  # noqa: E501
+            found = ("no active adapter" if not active else
+                     "the active adapters " + ", ".join(map(repr, sorted(active))))
+            raise AdapterError(f"{where}: argument 'adapter_name' is needed: the model's "
+                               f"layers have {found}")
         adapter_name = active.pop()
     found = [(n, layer, _adapters(layer).adapters[adapter_name]) for n, layer in layers
              if adapter_name in _adapters(layer).adapters]
@@ -237,8 +239,9 @@ def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors.torch import load_file
 
     if not path.is_dir():
+        state = "is a file" if path.exists() else "does not exist"
         raise AdapterError(f"{where}: argument 'path' expected a saved adapter directory, got "
-                           f"{str(path)!r}, which {'is a file' if path.exists() else 'does not exist'}")  # noqa: E501
+                           f"{str(path)!r}, which {state}")
     missing = [n for n in (CONFIG_NAME, TENSORS_NAME) if not (path / n).is_file()]
     if missing:
         raise AdapterError(f"{where}: {str(path)!r} is not a saved adapter: "
