@@ -183,6 +183,11 @@ _SUFFIXES = {  # PEFT's saved tensor names (without the adapter name) → ours
     "oft_R.weight": "oft_R", "oft_R": "oft_R", "hra_u": "hra_u",
     "boft_R": "boft_R", "boft_s": "boft_s",
 }
+# a convolution's LoRA tensors, (r, in, kh, kw), (out, r, 1, 1) and (1, out, 1, 1), as the
+# (r, in·kh·kw) and (out, r) factors and the (out,) magnitude of its matrix (a no-op for Linear)
+_FLATTEN = {"lora_A": lambda t: t.reshape(t.shape[0], -1),
+            "lora_B": lambda t: t.reshape(t.shape[0], -1),
+            "lora_magnitude_vector": lambda t: t.reshape(-1)}
 # options that change what PEFT computes and that weightcond does not reproduce
 _UNSUPPORTED = ("modules_to_save", "lora_bias", "use_qalora", "layer_replication",
                 "trainable_token_indices", "target_parameters", "use_bdlora",
@@ -306,14 +311,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
     try:
         for name, given in grouped.items():
             layer = modules[name]
+            given = {k: _FLATTEN[k](v) if k in _FLATTEN else v for k, v in given.items()}
             rank = given["lora_A"].shape[0] if "lora_A" in given else 0
-            if "lora_A" in given:
-                out = given["lora_B"].shape[0] if "lora_B" in given else -1
-                given = {**given, "lora_A": given["lora_A"].reshape(rank, -1)}
-                if "lora_B" in given:
-                    given["lora_B"] = given["lora_B"].reshape(out, -1)
-                if "lora_magnitude_vector" in given:
-                    given["lora_magnitude_vector"] = given["lora_magnitude_vector"].reshape(-1)
             previous = _adapters(layer).active if is_conditioned(layer) else None
             try:
                 from_peft_tensors(layer, method, given, adapter_name=adapter_name,
