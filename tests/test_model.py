@@ -287,7 +287,7 @@ def test_named_adapters_switch_and_disable() -> None:
     assert [c.transform.name for c in wc.conditioners(value)] == ["magnitude"]
     with torch.no_grad():
         torch.testing.assert_close(query.weight, query.parametrizations.weight.original)
-    assert not torch.allclose(output(model), out_b)
+    torch.testing.assert_close(output(model), out_b)  # as right after "b" was added
     with pytest.raises(wc.UnknownNameError, match=r"set_adapter: argument 'adapter_name' "
                        r"expected one of 'a', 'b', got 'c'"):
         wc.set_adapter(model, "c")
@@ -419,3 +419,37 @@ def test_packaged_minilm_round_trip(tmp_path) -> None:
     fresh = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
     wc.load_adapter(fresh, tmp_path / "minilm")
     assert torch.equal(fresh(ids).last_hidden_state, expected)
+
+
+def test_merge_a_named_adapter_and_adding_an_adapter_to_some_layers() -> None:
+    model = bert()
+    base = output(model)
+    wc.condition(model, "lora", target_modules=["query", "value"], adapter_name="a")
+    randomize(model, seed=1)
+    wc.condition(model, "sora", target_modules=["query"], adapter_name="b",
+                 condition_bias=True)
+    # the new adapter is the model's active one: layers without it compute their base
+    actives = {n: layer.parametrizations.weight[0].active
+               for n, layer in wc.conditioned_layers(model)}
+    assert set(actives.values()) == {"b", None}
+    assert all(v is None for n, v in actives.items() if n.endswith("value"))
+    randomize(model, seed=2)
+    only_b = output(model)
+    wc.remove_conditioning(model, adapter_name="b")  # b conditioned the bias: undone too
+    for name, layer in wc.conditioned_layers(model):
+        assert "bias" in dict(layer.named_parameters(recurse=False)), name
+    wc.set_adapter(model, "a")
+    out_a = output(model)
+    wc.condition(model, "sora", target_modules=["query"], adapter_name="b", rank=4)
+    randomize(model, seed=3)
+    merged = wc.merge(copy.deepcopy(model), adapter_name="a")
+    torch.testing.assert_close(output(merged), out_a, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(only_b, base)
+
+
+def test_an_invalid_regex_in_overrides_is_an_option_error() -> None:
+    model = bert()
+    with pytest.raises(wc.OptionError, match=r"condition: argument 'overrides' expected names "
+                       r"or regular expressions as keys, got 'c\('"):
+        wc.condition(model, "lora", target_modules=["query"], overrides={"c(": {"rank": 2}})
+    assert not wc.conditioned_layers(model)

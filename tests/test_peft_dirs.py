@@ -7,6 +7,7 @@ export gives the outputs of the weightcond model.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -220,3 +221,24 @@ def test_from_peft_onto_another_model_leaves_it_unchanged(tmp_path) -> None:
                        r"shape \(16, 2\), got \(32, 2\)"):
         wc.from_peft(small, folder)
     assert not wc.conditioned_layers(small)
+
+
+def test_to_peft_patterns_do_not_match_a_longer_name(tmp_path) -> None:
+    """PEFT matches a pattern key as ``(.*\\.)?(key)$``: the key for ``fc`` must not also
+    give ``block.fc`` its rank or alpha."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(8, 8))
+    model.add_module("block", nn.Sequential())
+    model.block.add_module("fc", nn.Linear(8, 8))
+    model.add_module("other", nn.Linear(8, 8))
+    wc.condition(model, "lora", target_modules="all-linear", rank=2, alpha=16,
+                 overrides={"^fc$": {"rank": 4, "alpha": 2}})
+    folder = wc.to_peft(model, tmp_path / "export")
+    fresh = copy.deepcopy(model)
+    wc.remove_conditioning(fresh)
+    wc.from_peft(fresh, folder)
+    layers = dict(wc.conditioned_layers(fresh))
+    assert (wc.get_update(layers["fc"]).rank, wc.get_update(layers["fc"]).alpha) == (4, 2.0)
+    assert (wc.get_update(layers["block.fc"]).rank,
+            wc.get_update(layers["block.fc"]).alpha) == (2, 16.0)

@@ -105,6 +105,14 @@ def _short(name: str) -> str:
     return ".".join(p for p in parts[2:] if p not in ("attention", "self")) or name
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
 def split_presets(text: str) -> list[str]:
     """``--presets``: ``;`` separates specs, and ``,`` too between specs without options
     (``"head,lora;sora:map=exp,rotation_rank=8"`` → three specs)."""
@@ -124,7 +132,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.presets:
         settings.presets = split_presets(args.presets)
     if args.seeds:
-        settings.seeds = [int(s) for s in args.seeds.split(",")]
+        settings.seeds = args.seeds
     for spec in settings.presets:  # fail on a bad name before anything is written
         parse_preset(spec)
     folder = Path(args.output)
@@ -140,7 +148,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(format_summary(results))
     print(f"\n{results['data']['train']} training / {results['data']['held_out']} held-out "
           f"texts; {env['device']} ({env['threads']} threads, {env['machine']}); entropy: "
-          f"mean over the {len(results['runs'][-1]['layers'])} conditioned layers of "
+          f"mean over the {max(len(r['layers']) for r in results['runs'])} conditioned layers of "
           f"H = -Σ p log p, p = σ/Σσ of W' - W")
     print(f"wrote {folder / 'results.json'}, {', '.join(str(p) for p in plots)}")
     return 0
@@ -227,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, help="update rank (default 8)")
     c.add_argument("--alpha", type=float, help="update alpha (default 16)")
     c.add_argument("--max-length", type=int, help="tokens per text (default 64)")
-    c.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    c.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 0)")
     c.add_argument("--train-size", type=int, help="training texts used (default all)")
     c.add_argument("--eval-size", type=int, help="held-out texts used (default all)")
     c.add_argument("--device", help="cpu (default) or cuda")

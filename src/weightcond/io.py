@@ -390,7 +390,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         >>> torch.equal(fresh(x), model(x))
         True
     """
-    from .model import _freeze
+    from .model import _activate
 
     where = "load_adapter"
     config, tensors = _read(Path(path), where)
@@ -440,5 +440,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     for _, conditioning in built:
         for c in conditioning.conditioners():
             c.transform._weightcond_attached = True
-    _freeze(model, name)
+    _activate(model, name)
     return name

@@ -606,8 +606,11 @@ def _require_adapter(layers: list[nn.Module], adapter_name: str | None, where: s
 
 def _merge_layer(layer: nn.Module, adapter_name: str | None) -> None:
     adapters = _adapters(layer)
-    conditioning = (adapters.adapters.get(adapter_name) if adapter_name is not None else
-                    _named(adapters, None, "merge"))
+    if adapter_name is None:
+        conditioning = _named(adapters, None, "merge")
+    else:  # a layer without the adapter keeps its base function (ModuleDict has no .get)
+        conditioning = (adapters.adapters[adapter_name]  # noqa: SIM401
+                        if adapter_name in adapters.adapters else None)
     base, bias = _base_weight(layer), _base_bias(layer)
     with torch.no_grad():
         weight, new_bias = base, bias
@@ -632,7 +635,8 @@ def merge(module: nn.Module, *, adapter_name: str | None = None) -> nn.Module:
     (``None``: each layer's active adapter; a layer without one keeps its base function) —
     new parameters; the original tensors are not modified. The parametrizations, the
     matrix-free forward and every other adapter are removed. The module computes the same
-    function as before, now with one GEMM per layer.
+    function as before, now with one GEMM per layer (``merge`` bakes the adapter even inside
+    :func:`weightcond.disabled`).
 
     Raises:
         weightcond.StateError: nothing in ``module`` is conditioned.
@@ -669,4 +673,14 @@ def remove_conditioning(module: nn.Module, *, adapter_name: str | None = None) -
             del adapters.adapters[adapter_name]
             if adapters.active == adapter_name:
                 adapters.active = None
+            _drop_unused_bias(layer)
     return module
+
+
+def _drop_unused_bias(layer: nn.Module) -> None:
+    """Remove the bias parametrization when no adapter left conditions the bias (the layer
+    gets back its bias tensor and its ``state_dict`` key ``bias``)."""
+    if parametrize.is_parametrized(layer, "bias") and not any(
+            c.condition_bias for a in _adapters(layer).adapters.values()
+            for c in a.conditioners()):
+        parametrize.remove_parametrizations(layer, "bias", leave_parametrized=False)

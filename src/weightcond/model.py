@@ -153,11 +153,13 @@ def _resolve_targets(model: nn.Module, target_modules: Targets,
     return names
 
 
-def _freeze(model: nn.Module, adapter_name: str) -> None:
-    """Only the parameters of each layer's adapter ``adapter_name`` stay trainable."""
+def _activate(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` active on every conditioned layer (``None`` on a layer without
+    it: that layer computes its base function) and the only trainable parameters."""
     trainable = set()
     for _, layer in conditioned_layers(model):
         adapters = _adapters(layer)
+        adapters.active = adapter_name if adapter_name in adapters.adapters else None
         if adapter_name in adapters.adapters:
             trainable.update(id(p) for p in adapters.adapters[adapter_name].parameters())
     for p in model.parameters():
@@ -177,8 +179,9 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
 
     Each matched layer gets :func:`weightcond.apply_preset` with ``options`` (``rank``,
     ``alpha`` and the preset's own), into the adapter ``adapter_name``, which becomes the
-    active one. Afterwards only that adapter's parameters are trainable (unfreeze a
-    classification head yourself if it should train).
+    model's active adapter, as with :func:`set_adapter` (conditioned layers without it
+    compute their base function). Afterwards only that adapter's parameters are trainable
+    (unfreeze a classification head yourself if it should train).
 
     Args:
         model: any :class:`torch.nn.Module` (a transformers model, for instance).
@@ -252,7 +255,7 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         if hasattr(error, "add_note"):
             error.add_note(f"while conditioning module {names[len(done)]!r}")
         raise
-    _freeze(model, adapter_name)
+    _activate(model, adapter_name)
     trainable, total = _count(model)
     layers = {n: (p.name if isinstance(p, Preset) else p) for n, (p, _) in plan.items()}
     return ConditionReport(adapter_name, layers, trainable, total)
@@ -267,6 +270,11 @@ def _plan(names: list[str], preset: str | Preset, overrides: Mapping[str, Mappin
             PRESETS.lookup(p, where, "preset")
     plan: dict[str, tuple[str | Preset, dict]] = {n: (preset, dict(options)) for n in names}
     for pattern, change in overrides.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise OptionError(f"{where}: argument 'overrides' expected names or regular "
+                              f"expressions as keys, got {pattern!r} ({error})") from None
         if not isinstance(change, Mapping):
             raise OptionError(f"{where}: argument 'overrides' expected a mapping of pattern to "
                               f"a dict of options, got {change!r} for {pattern!r}")
@@ -304,16 +312,12 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         >>> [c.transform.name for c in wc.conditioners(model[0])]
         []
     """
-    layers = conditioned_layers(model)
     names = adapter_names(model)
     if adapter_name not in names:
         raise UnknownNameError(f"set_adapter: argument 'adapter_name' expected one of "
                                f"{', '.join(map(repr, names)) or '(no adapters)'}, "
                                f"got {adapter_name!r}")
-    for _, layer in layers:
-        adapters = _adapters(layer)
-        adapters.active = adapter_name if adapter_name in adapters.adapters else None
-    _freeze(model, adapter_name)
+    _activate(model, adapter_name)
 
 
 @contextlib.contextmanager

@@ -295,7 +295,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
             option (``modules_to_save``, trained biases, ...), tensors for layers the model
             does not have, wrong shapes; the model is left as it was.
     """
-    from ..model import _freeze
+    from ..model import _activate
 
     where = "from_peft"
     check_adapter_name(where, adapter_name)
@@ -326,7 +326,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
         for layer, previous in done:
             _undo(layer, adapter_name, previous)
         raise
-    _freeze(model, adapter_name)
+    _activate(model, adapter_name)
     return {name: method for name in grouped}
 
 
@@ -403,8 +403,9 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
         "r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        # PEFT matches a key as (.*\.)?(key)$: anchored, a name does not match its suffixes
+        "rank_pattern": {"^" + re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {"^" + re.escape(n): a for n, a in alphas.items() if a != alpha},
         "use_dora": next(iter(kinds.values())) == "dora", "use_rslora": False,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(conv1d),
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
