@@ -235,9 +235,6 @@ def _staging_directory(target: Path) -> Path:
 
 # -- loading -----------------------------------------------------------------------------------
 def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_dir():
         state = "is a file" if path.exists() else "does not exist"
         raise AdapterError(f"{where}: argument 'path' expected a saved adapter directory, got "
@@ -246,20 +243,34 @@ def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if missing:
         raise AdapterError(f"{where}: {str(path)!r} is not a saved adapter: "
                            f"{', '.join(missing)} missing")
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    config = read_json(path, where)
     _check_config(config, where)
-    try:
-        tensors = load_file(path / TENSORS_NAME)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file "
-                           f"(truncated, corrupted or another format): {error}") from None
+    tensors = read_tensors(path, where)
     if _digest(tensors) != config["tensors_sha256"]:
         raise AdapterError(f"{where}: {TENSORS_NAME} does not match the SHA-256 recorded in "
                            f"{CONFIG_NAME} (corrupted, or not the file saved with it)")
     return config, tensors
+
+
+def read_json(path: Path, where: str) -> Any:
+    """The parsed ``adapter_config.json`` of the directory ``path``."""
+    try:
+        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+
+
+def read_tensors(path: Path, where: str) -> dict[str, Tensor]:
+    """The tensors of ``adapter_model.safetensors`` in ``path`` (safetensors only: nothing is
+    unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path / TENSORS_NAME)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file "
+                           f"(truncated, corrupted or another format): {error}") from None
 
 
 def _expect(condition: bool, where: str, what: str) -> None:

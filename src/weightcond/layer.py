@@ -553,15 +553,23 @@ def dense_forward(module: nn.Module) -> Iterator[None]:
         >>> torch.allclose(dense, layer(x), atol=1e-6)
         True
     """
+    with switched(module, "dense", True):
+        yield
+
+
+@contextlib.contextmanager
+def switched(module: nn.Module, flag: str, value: bool) -> Iterator[None]:
+    """Set ``flag`` of every conditioned layer's :class:`Adapters` in ``module`` to ``value``
+    within the block, and restore each one's previous value after it."""
     found = [_adapters(m) for _, m in conditioned_layers(module)]
-    previous = [a.dense for a in found]
+    previous = [getattr(a, flag) for a in found]
     for a in found:
-        a.dense = True
+        setattr(a, flag, value)
     try:
         yield
     finally:
         for a, p in zip(found, previous):
-            a.dense = p
+            setattr(a, flag, p)
 
 
 # -- merging and removing ------------------------------------------------------------------

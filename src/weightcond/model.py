@@ -27,6 +27,7 @@ from .layer import (
     conditioned_layers,
     is_conditioned,
     remove_conditioning,
+    switched,
 )
 from .presets import PRESETS, Preset, apply_preset
 from .reshape import LAYER_KINDS
@@ -336,12 +337,5 @@ def disabled(model: nn.Module) -> Iterator[None]:
         ...     torch.equal(layer(torch.ones(1, 8)), base)
         True
     """
-    found = [_adapters(layer) for _, layer in conditioned_layers(model)]
-    previous = [a.enabled for a in found]
-    for a in found:
-        a.enabled = False
-    try:
+    with switched(model, "enabled", False):
         yield
-    finally:
-        for a, p in zip(found, previous):
-            a.enabled = p

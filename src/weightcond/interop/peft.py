@@ -23,7 +23,6 @@ equal outputs against the installed ``peft``:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -42,7 +41,14 @@ from ..errors import (
     UnknownNameError,
     WeightcondError,
 )
-from ..io import CONFIG_NAME, TENSORS_NAME, _adapter_layers, _write_atomically
+from ..io import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    _adapter_layers,
+    _write_atomically,
+    read_json,
+    read_tensors,
+)
 from ..layer import DEFAULT_ADAPTER, _adapters, check_adapter_name, is_conditioned
 from ..layer import remove_conditioning as _remove
 from ..presets import Applied, apply_preset
@@ -237,9 +243,6 @@ def _layer_options(method: str, config: Mapping[str, Any], name: str, rank: int
 
 
 def _read_peft(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not (path / CONFIG_NAME).is_file():
         raise AdapterError(f"{where}: argument 'path' expected a PEFT adapter directory, got "
                            f"{str(path)!r} without {CONFIG_NAME}")
@@ -247,17 +250,10 @@ def _read_peft(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor
         found = ", ".join(sorted(p.name for p in path.iterdir()))
         raise AdapterError(f"{where}: {str(path)!r} has no {TENSORS_NAME} (found {found}); "
                            f"only safetensors adapters are read: nothing is unpickled")
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    config = read_json(path, where)
     if not isinstance(config, dict):
         raise AdapterError(f"{where}: {CONFIG_NAME} expected a JSON object")
-    try:
-        tensors = load_file(path / TENSORS_NAME)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file: "
-                           f"{error}") from None
+    tensors = read_tensors(path, where)
     return config, tensors
 
 
