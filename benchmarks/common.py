@@ -3,10 +3,7 @@ counted by :mod:`weightcond.profiling`, shared with ``weightcond compare``)."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -66,24 +63,17 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def environment(settings: Settings) -> dict[str, object]:
+    """The machine record of :func:`weightcond.profiling.machine`, with the peers' versions
+    and the settings."""
     import einops
     import geotorch
     import peft
 
-    import weightcond
+    from weightcond.profiling import machine
 
-    env: dict[str, object] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(), "processor": platform.processor(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "weightcond": weightcond.__version__, "peft": peft.__version__,
-        "geotorch": getattr(geotorch, "__version__", "?"), "einops": einops.__version__,
-        "threads": torch.get_num_threads(), "settings": settings.__dict__,
-    }
-    if settings.device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
+    return {**machine(settings.device), "peft": peft.__version__,
+            "geotorch": getattr(geotorch, "__version__", "?"), "einops": einops.__version__,
+            "settings": settings.__dict__}
 
 
 def write_json(path: Path, payload: dict[str, object]) -> None:

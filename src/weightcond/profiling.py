@@ -1,10 +1,14 @@
-"""Peak memory of a training step, counted the same way on every device.
+"""Peak memory of a training step, counted the same way on every device, and the record
+of the machine a measurement ran on.
 
 Used by ``weightcond compare`` and by the benchmark suite.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["PeakMemory", "step_peak_bytes"]
+__all__ = ["PeakMemory", "machine", "step_peak_bytes"]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -61,3 +65,20 @@ def step_peak_bytes(step: Callable[[], None]) -> int:
     with PeakMemory() as memory:
         step()
     return memory.peak
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where and with what a measurement ran: date, platform, CPU count, torch threads,
+    Python, torch and weightcond versions, the device (and the GPU's name on CUDA)."""
+    from . import __version__
+
+    record: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(), "machine": platform.machine(),
+        "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "weightcond": __version__, "device": device,
+    }
+    if device.startswith("cuda"):
+        record["gpu"] = torch.cuda.get_device_name()
+    return record
