@@ -96,7 +96,12 @@ CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
     "block_b32_neumann": (_right("block", block_size=32, map="cayley_neumann"), "ours"),
     "householder_k8": (_right("householder", reflections=8), "ours"),
     "givens": (_right("givens"), "ours"),
+    # like against like, not targets: an input that needs its gradient (a layer inside a
+    # model), where ours rotates the activations as PEFT does
+    "peft_oft_b32_input_grad": (_peft("OFTConfig", r=0, oft_block_size=32), "peer"),
+    "block_b32_input_grad": (_right("block", block_size=32), "ours"),
 }
+INPUT_GRAD = {"peft_oft_b32_input_grad", "block_b32_input_grad"}
 
 
 def build(name: str, out_features: int, in_features: int, s: Settings):
@@ -107,13 +112,15 @@ def build(name: str, out_features: int, in_features: int, s: Settings):
     model = CANDIDATES[name][0](Wrap(layer), s)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-    x = torch.randn(s.tokens, in_features, device=s.device, dtype=s.torch_dtype)
+    x = torch.randn(s.tokens, in_features, device=s.device, dtype=s.torch_dtype,
+                    requires_grad=name in INPUT_GRAD)
     grad = torch.randn(s.tokens, out_features, device=s.device, dtype=s.torch_dtype)
     trainable = sum(p.numel() for p in params)
 
     def step() -> None:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
+        x.grad = None
         model(x).backward(grad)
         if opt is not None:
             opt.step()

@@ -15,7 +15,9 @@ LAYER_TIME_TARGETS = [
 ]
 # not targets of the issue, reported beside them: like against like
 COMPARISONS = [("block_b32", "peft_oft_b32_exact", "exact Cayley, both"),
-               ("block_b32_neumann", "peft_oft_b32", "5-term Neumann, both")]
+               ("block_b32_neumann", "peft_oft_b32", "5-term Neumann, both"),
+               ("block_b32_input_grad", "peft_oft_b32_input_grad",
+                "the target's pair, the input needing its gradient (inside a model)")]
 PRESETS = ["lora", "dora", "pre_diag", "sora_cayley", "sora_exp", "sora_first_order"]
 MEMORY_BOUND = 1.10
 MODEL_BOUND = 1.10
@@ -59,18 +61,20 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
         peft = entry["peft_oft_b32"]["time_s"]["median"]
         floor = entry["floor_fwd_input_grad"]["time_s"]["median"]
         gemm = 2 * 2 * tokens * out_f * in_f / 1e9
-        rotation = 3 * 2 * tokens * in_f * 32 / 1e9
+        rows = min(tokens, out_f)  # ours rotates W's rows when out < tokens (x needs no grad)
+        rotation = 2 * 2 * rows * in_f * 32 / 1e9
         target = 0.9 * peft
         verdict = ("below the floor: out of reach" if target < floor else
                    f"{(target - floor) * 1e3:.1f} ms above the floor for the rotation, its "
-                   f"Cayley solves and AdamW")
+                   f"Cayley maps and AdamW")
         notes.append(
             f"- **{shape}, block (OFT) against PEFT OFT**: any input-side rotation needs the "
-            f"forward GEMM and the GEMM whose result reaches the rotation's gradient, "
-            f"2 × 2·{tokens}·{out_f}·{in_f} = {gemm:.1f} GFLOP, measured here as the floor "
-            f"{floor * 1e3:.1f} ms = {floor / peft:.3f} × PEFT OFT. The 32-blocks rotation adds "
-            f"about {rotation:.2f} GFLOP (forward and two backward products on the "
-            f"activations, {rotation / gemm:.1%} of the GEMMs). Ours takes "
+            f"forward GEMM and one GEMM whose result reaches the rotation's gradient "
+            f"(the input gradient, or W·R's), 2 × 2·{tokens}·{out_f}·{in_f} = {gemm:.1f} GFLOP, "
+            f"measured here as the floor {floor * 1e3:.1f} ms = {floor / peft:.3f} × PEFT OFT. "
+            f"The 32-blocks rotation adds {rotation:.2f} GFLOP (forward and gradient "
+            f"products on {rows} rows, {'W' if rows < tokens else 'the activations'}; "
+            f"{rotation / gemm:.1%} of the GEMMs). Ours takes "
             f"{ours * 1e3:.1f} ms = {ours / floor:.3f} × the floor, PEFT OFT "
             f"{peft * 1e3:.1f} ms = {peft / floor:.3f} × the floor; 0.90 × PEFT OFT would be "
             f"{target * 1e3:.1f} ms, {verdict}.")
@@ -117,8 +121,12 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
             lines += ["### Like against like (not targets)", "",
                       "PEFT OFT's default is its 5-term Neumann series, an approximation whose "
                       "rotation is the inverse of its exact path; ours defaults to the exact "
-                      "Cayley map. Each pair below uses the same map on both sides.", "",
-                      "| shape | ours | PEFT | map | ratio |", "|---|---|---|---|---|"]
+                      "Cayley map. The first two pairs use the same map on both sides. The "
+                      "targets' input needs no gradient, so when out < tokens ours rotates "
+                      "W's rows instead of the activations (Note (rotate the weight or the "
+                      "activations) in `weightcond.placement`); the last pair gives the input a "
+                      "gradient, as inside a model, where both rotate the activations.", "",
+                      "| shape | ours | PEFT | setting | ratio |", "|---|---|---|---|---|"]
             lines += [f"| {shape} | {a} | {b} | {what} | {r:.3f} |" for shape, a, b, what, r
                       in like]
             lines.append("")

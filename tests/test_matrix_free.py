@@ -67,3 +67,65 @@ def test_the_recorder_sees_the_dense_path() -> None:
     with wc.dense_forward(layer), LargestNewTensor() as record:
         layer(x).square().sum().backward()
     assert record.largest[0] >= OUT * IN
+
+
+# -- Note (rotate the weight or the activations) ----------------------------------------------
+# out < tokens: a right pre chain of structured conditioners runs on W (out × in) when the
+# input needs no gradient, on the activations (tokens × in) when it does
+W_OUT, W_IN, W_TOKENS = 24, 40, 64
+RIGHT_CHAINS = [
+    [("block", {"block_size": 8})],
+    [("butterfly", {"block_size": 4, "factors": 2})],
+    [("givens", {})],
+    [("orthogonal", {})],
+    [("diag", {})],
+    [("householder", {"reflections": 4}), ("block", {"block_size": 5}), ("diag", {})],
+]
+
+
+def _right_chain_layer(chain, update: bool) -> torch.nn.Linear:
+    layer = make_layer(W_OUT, W_IN)
+    if update:
+        wc.register_update(layer, rank=3)
+    for transform, options in chain:
+        wc.register_conditioning(layer, placement="pre", side="right", transform=transform,
+                                 **options)
+    wc.register_conditioning(layer, placement="post", side="left", transform="diag")
+    randomize(layer)
+    return layer
+
+
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize("chain", RIGHT_CHAINS, ids=lambda c: "+".join(t for t, _ in c))
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_right_chain_on_the_weight_or_the_activations(chain, update: bool,
+                                                      input_grad: bool) -> None:
+    layer = _right_chain_layer(chain, update)
+    x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=input_grad)
+    cotangent = torch.randn(W_TOKENS, W_OUT, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = [x, *params] if input_grad else params
+    with LargestNewTensor() as record:
+        y = layer(x)
+        grads = torch.autograd.grad(y, inputs, cotangent)
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    for g, gd in zip(grads, grads_dense):
+        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)
+    size, where = record.largest
+    if input_grad:  # the activations are rotated: a (tokens, in) tensor exists
+        assert size >= W_TOKENS * W_IN, where
+    else:  # W R_pre (out, in) instead; nothing as large as the activations is created
+        assert W_OUT * W_IN <= size < W_TOKENS * W_IN, where
+
+
+def test_same_bits_with_and_without_grad_mode() -> None:
+    """The form depends on the input, not on ``torch.no_grad()``."""
+    layer = _right_chain_layer(RIGHT_CHAINS[0], update=True)
+    for x in (torch.randn(W_TOKENS, W_IN, dtype=torch.float64),
+              torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=True)):
+        with torch.no_grad():
+            y_no_grad = layer(x)
+        assert torch.equal(layer(x).detach(), y_no_grad)

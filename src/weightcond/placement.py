@@ -26,7 +26,9 @@ computes both forms from that one ordered list:
           + s\,B A\,(R_\text{post} x)\bigr) + b',
 
   which never forms an ``(out, in)`` matrix for diagonal, low-rank and structured
-  conditioners. :math:`b'` is the bias conditioned by the left conditioners registered with
+  conditioners, except :math:`W R_\text{pre}` when that is smaller than the activations it
+  saves (Note (rotate the weight or the activations) in :meth:`Conditioning.activation`).
+  :math:`b'` is the bias conditioned by the left conditioners registered with
   ``condition_bias=True`` (in composition order); otherwise :math:`b' = b`.
 """
 
@@ -171,6 +173,21 @@ def _fold_right(chain: list[Conditioner], weight: Tensor, h: Tensor) -> list[_St
         rows = _rows_times(v.mT.to(h.dtype), [(c, None) for c in chain[i + 1:]])
         terms.append(_LowRank(h, rows, F.linear(u.mT.to(weight.dtype), weight)))
     return terms
+
+
+def _on_weight(x: Tensor, tokens: int, out_features: int) -> bool:
+    """Whether the right pre chain is cheaper applied to ``W`` than to the activations
+    (see Note (rotate the weight or the activations) in :meth:`Conditioning.activation`)."""
+    # on x.requires_grad alone, not the grad mode: one input gives the same bits with and
+    # without torch.no_grad()
+    return tokens > out_features and not x.requires_grad
+
+
+def _matrix_times(g: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
+    """``g · M_1 ⋯ M_k`` for right conditioners ``items`` in that order."""
+    for c, d in items:
+        g = c.on_matrix(g, d)
+    return g
 
 
 def _rows_times(rows: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
@@ -379,6 +396,18 @@ class Conditioning(nn.Module):
         creates no activation-sized temporaries; with few tokens (generation) the rotations
         are applied to the activations instead. Both are exact and tested against the dense
         form.
+
+        Note (rotate the weight or the activations): any other right pre chain (blocks,
+        butterflies, Givens, a dense rotation, diagonals) is applied to the activations,
+        ``tokens·cost`` per pass, or to the weight, ``out·cost``, forming
+        :math:`W R_\\text{pre}` (``out × in``). The backward needs one large GEMM either
+        way: the activation form ``g·W`` (the gradient reaching :math:`R_\\text{pre}`, and
+        ``x``'s gradient too), the weight form ``gᵀ·x`` (the gradient of
+        :math:`W R_\\text{pre}`), plus a second one, ``g·(W R_\\text{pre})``, when ``x`` needs
+        its gradient. So the weight form is taken when ``out < tokens`` and ``x`` needs no
+        gradient (the first adapted layer of a model, inference); then :math:`W R_\\text{pre}`
+        is smaller than the activations it replaces (OFT at 1024², 2048 tokens: the block
+        products on half as many rows).
         """
         conditioners = self.conditioners()
         diags = self._diagonals(weight, conditioners)
@@ -393,9 +422,13 @@ class Conditioning(nn.Module):
         right_pre = [(c, d) for c, d in pre if not c.is_left]
         folded = _fold_right([c for c, _ in right_pre], weight, h_post) if fold else None
         h_pre = h_post
-        if folded is None:
-            for c, d in reversed(right_pre):
-                h_pre = c.on_activations(h_pre, d)
+        if folded is None and right_pre:
+            if _on_weight(x, tokens, self.out_features):
+                weight = _matrix_times(weight, right_pre)  # W R_1 ⋯ R_k, R_pre is now in W
+                right_pre = []
+            else:
+                for c, d in reversed(right_pre):
+                    h_pre = c.on_activations(h_pre, d)
         folded_terms: list[_Step] = list(folded or [])
         update = self._update_terms(h_post)
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
