@@ -70,7 +70,7 @@ def run(s: Settings, log: Callable[[str], None]) -> dict:
         steps[name], trainable[name] = build(name, s)
     # a MiniLM step is long and its spread wide: more repeats than at the layer level
     times = interleaved_medians(steps, Settings(**{**s.__dict__,
-                                                   "repeats": s.repeats if s.quick else 21}))
+                                                   "repeats": s.repeats if s.quick else 41}))
     ref = times["peft_lora"]["median"]
     entry = {}
     for name, t in times.items():
