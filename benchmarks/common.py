@@ -4,6 +4,7 @@ counted by :mod:`weightcond.profiling`, shared with ``weightcond compare``)."""
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -41,13 +42,21 @@ def synchronize(device: str) -> None:
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], settings: Settings
                         ) -> dict[str, dict[str, float]]:
-    """Time every step function, interleaved round-robin after a warm-up; seconds."""
+    """Time every step function, interleaved after a warm-up; seconds.
+
+    Each round runs every step once, in an order shuffled per round (seeded): a step's time
+    depends on what ran before it (caches, the allocator), and a fixed order would give one
+    candidate the same predecessor in every round."""
     for _ in range(settings.warmup):
         for step in steps.values():
             step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    rng = random.Random(0)
     for _ in range(settings.repeats):
-        for name, step in steps.items():
+        rng.shuffle(order)
+        for name in order:
+            step = steps[name]
             synchronize(settings.device)
             start = time.perf_counter()
             step()

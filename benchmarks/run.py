@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(device=args.device, dtype=args.dtype, threads=args.threads,
                         quick=args.quick,
-                        repeats=args.repeats or (3 if args.quick else 11),
+                        repeats=args.repeats or (3 if args.quick else 21),
                         warmup=1 if args.quick else 3,
                         tokens=256 if args.quick else 2048)
     levels = set(args.levels.split(","))
