@@ -183,13 +183,6 @@ def _on_weight(x: Tensor, tokens: int, out_features: int) -> bool:
     return tokens > out_features and not x.requires_grad
 
 
-def _matrix_times(g: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
-    """``g · M_1 ⋯ M_k`` for right conditioners ``items`` in that order."""
-    for c, d in items:
-        g = c.on_matrix(g, d)
-    return g
-
-
 def _rows_times(rows: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
     """``rows · M_1 ⋯ M_k`` for the conditioners ``items`` in that order (with their
     norm-tied diagonals, if any): a right chain as registered, a left chain reversed."""
@@ -424,7 +417,7 @@ class Conditioning(nn.Module):
         h_pre = h_post
         if folded is None and right_pre:
             if _on_weight(x, tokens, self.out_features):
-                weight = _matrix_times(weight, right_pre)  # W R_1 ⋯ R_k, R_pre is now in W
+                weight = _rows_times(weight, right_pre)  # W R_1 ⋯ R_k, R_pre is now in W
                 right_pre = []
             else:
                 for c, d in reversed(right_pre):
