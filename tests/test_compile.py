@@ -132,3 +132,19 @@ def test_dynamic_token_counts_reuse_the_graph(name: str) -> None:
             compiled(torch.randn(tokens, DIM)).square().sum().backward()
     assert graph_breaks() == {}
     assert graphs() == 1
+
+
+def test_batched_factors_trace_without_breaks() -> None:
+    """With weightcond.batch_factors, a compiled model traces each layer's own factors (the
+    hooks stand aside under the compiler) and equals eager."""
+    model = model_for("sora")
+    wc.batch_factors(model)
+    params = [p for _, p in trainable(model)]
+    x, cotangent = torch.randn(2, TOKENS, DIM).unbind()
+    expected = forward_backward(model, params, x, cotangent)
+    got = forward_backward(torch.compile(model, backend="eager", dynamic=False), params, x,
+                           cotangent)
+    assert graph_breaks() == {}
+    assert graphs() == 1
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)

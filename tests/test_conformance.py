@@ -25,7 +25,9 @@ rejected at build time with a typed error.
 Bounds (``docs/guarantees.rst``) come from ``eps(dtype)`` and sizes, never from a device.
 With ``n = max(out, in)``, an output error is divided by ``n · eps · max(|x| |W'|ᵀ + |b'|)``
 (the rounding budget of products with ``W'``), a gradient error by ``n · eps · max|g|``
-(the largest entry of the float64 gradients), an orthogonality error ``max|QᵀQ - I|`` by
+(the largest entry of the float64 gradients), both times the magnification ``κ`` of a
+norm-tied cell (:func:`norm_conditioning`; 1 without one; ``3κ`` for the gradients of an
+attached norm), an orthogonality error ``max|QᵀQ - I|`` by
 ``n · eps`` with ``n`` the side dimension (``(n + ν²) · eps`` for ``map="exp"``, see
 :func:`orthogonality_error`); :data:`BOUNDS` holds the limits. ``python
 tests/test_conformance.py [count]`` prints the largest errors the grid reaches.
@@ -291,14 +293,20 @@ def measure(config: Config) -> dict[str, float]:
         grads_exact = forward_and_grads(reference, x.double(), cotangent.double())[1]
     with torch.no_grad():  # x needs no gradient: a right pre chain may run on the weight
         y_plain = layer(x)
+    kappa = norm_conditioning(reference)
+    # the gradient of m·M/‖M‖ with the norm attached, m (I - uuᵀ)/‖M‖ with u = M/‖M‖, rounds
+    # u twice and ‖M‖ once: three times the magnification of the detached form's m/‖M‖
+    attached = any(c.transform.norm_tied and not c.transform.detach_norm
+                   for c in wc.conditioners(layer))
     errors["dense"] = max(max_abs(y, y_dense), max_abs(y_plain, y_dense)) / (
-        size * eps * output_scale(x, reference.weight, reference.bias))
+        size * eps * output_scale(x, reference.weight, reference.bias) * kappa)
     # norm-wise, against the largest gradient entry (a gradient may be zero in exact
     # arithmetic, e.g. that of a skew generator on a side of one dimension)
     grad_scale = max(g.abs().max().item() for g in grads_exact if g.numel())
     if "grad" not in skipped:
         errors["grad"] = max(max_abs(g, gd) for g, gd in zip(grads, grads_dense)) / (
-            size * eps * max(grad_scale, torch.finfo(torch.float64).tiny))
+            size * eps * max(grad_scale, torch.finfo(torch.float64).tiny) * kappa
+            * (3 if attached and kappa > 1 else 1))
 
     for c in wc.conditioners(layer):
         if c.transform.is_orthogonal:
@@ -327,6 +335,33 @@ def measure(config: Config) -> dict[str, float]:
     with torch.no_grad():
         assert torch.equal(fresh(x), y_plain)
     return errors
+
+
+def norm_conditioning(layer: nn.Module) -> float:
+    """How much the norm-tied conditioners (``magnitude``) magnify rounding: the largest
+    ``(‖W‖ + ‖ΔW‖) / ‖M‖`` over the lines (rows for left, columns for right) that one
+    normalises, ``M`` the matrix it conditions (float64, its norm floored at ``1e-6`` like
+    ``magnitude``'s); 1 without them. Both forms round ``M = W + ΔW`` before dividing by its
+    norm, so a line that nearly cancels (``‖M‖ ≪ ‖W‖``) magnifies that rounding in the
+    output by this factor, whatever the algorithm (Note (cancelled rows) in
+    ``placement.py``)."""
+    conditioning = wc.layer._adapters(layer).current()
+    weight = layer.parametrizations.weight.original.detach().double()
+    update = wc.get_update(layer)
+    delta = torch.zeros_like(weight) if update is None else update.matrix().detach().double()
+    kappa = 1.0
+    with torch.no_grad():
+        for i, c in enumerate(conditioning.conditioners()):
+            if not c.transform.norm_tied:
+                continue
+            steps = i + (1 if i >= len(conditioning.pre) else 0)
+            m = conditioning.dense_weight(weight, steps=steps).double()
+            dim = -1 if c.is_left else -2
+            norm = torch.linalg.vector_norm
+            ratio = (norm(weight, dim=dim) + norm(delta, dim=dim)) / norm(m, dim=dim).clamp_min(
+                1e-6)
+            kappa = max(kappa, ratio.max().item())
+    return kappa
 
 
 def orthogonality_error(t: wc.Transform) -> tuple[str, float]:

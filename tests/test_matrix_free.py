@@ -31,9 +31,10 @@ class LargestNewTensor(TorchDispatchMode):
         return out
 
 
-# tokens < min(out, in): activations stay below out·in; 8 tokens fold thin rotations
-# (Note (folded rotations)), 2 do not
-OUT, IN, TOKENS = 48, 40, 8
+# tokens < min(out, in): activations stay below out·in; 16 tokens fold thin rotations
+# (Note (folded rotations): 16 · 4 >= 56), 2 do not. Large enough that the exp map's padded
+# (2, 4k, 4k) block (Note (singleton matrix_exp)) stays below out·in at rotation rank 8
+OUT, IN, TOKENS = 64, 56, 16
 
 
 CASES = [("lora", {}), ("dora", {}), ("dora", {"detach_norm": False}), ("pre_diag", {}),

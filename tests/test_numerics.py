@@ -238,6 +238,36 @@ def test_dora_with_zero_norm_rows_is_finite(dtype: torch.dtype, detach_norm: boo
     assert wc.get_update(layer).B.abs().sum() > 0  # the update did move
 
 
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("cancelled", [3, 16])
+def test_dora_rows_of_w_plus_update_that_cancel(detach_norm: bool, cancelled: int) -> None:
+    """Note (cancelled rows) in ``placement.py``: where ``W_i`` and ``s(BA)_i`` nearly cancel,
+    both forms lose accuracy in proportion to ``κ = (‖W_i‖ + ‖s(BA)_i‖) / ‖X_i‖`` (1e6 here:
+    they round ``X_i`` first); the fast path stays within that, the expansion of ``‖X_i‖²``
+    alone would lose ``κ²``."""
+    out, n = 40, 24
+    layer = make_layer(out, n)
+    wc.apply_preset(layer, "dora", rank=4, detach_norm=detach_norm)
+    randomize(layer, scale=0.3, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        base = layer.parametrizations.weight.original
+        delta = wc.get_update(layer).matrix()
+        wobble = 1 + 1e-6 * torch.randn(cancelled, 1, generator=gen, dtype=torch.float64)
+        base[:cancelled] = -delta[:cancelled] * wobble  # ‖X_i‖ ≈ 1e-6 ‖W_i‖
+    x = torch.randn(7, n, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+        weight = layer.weight.detach()
+    eps = torch.finfo(torch.float64).eps
+    scale = (x.abs() @ weight.abs().mT + layer.bias.abs()).max().item()
+    x_rows = base + delta
+    kappa = ((base.norm(dim=1) + delta.norm(dim=1)) / x_rows.norm(dim=1)).max().item()
+    assert kappa > 1e5
+    assert (y - y_dense).abs().max().item() <= 8 * n * eps * scale * kappa
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("placement", ["pre", "post"])
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -12,6 +12,7 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 """
 
 from . import analysis, interop
+from .batching import batch_factors
 from .errors import (
     AdapterError,
     LayerTypeError,
@@ -66,6 +67,7 @@ __all__ = [
     "adapter_names",
     "analysis",
     "apply_preset",
+    "batch_factors",
     "condition",
     "conditioned_layers",
     "conditioners",

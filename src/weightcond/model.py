@@ -19,7 +19,14 @@ from typing import Any
 
 from torch import nn
 
-from .errors import LayerTypeError, OptionError, StateError, UnknownNameError
+from .batching import batch_factors as _batch_factors
+from .errors import (
+    LayerTypeError,
+    OptionError,
+    StateError,
+    UnknownNameError,
+    check_bool,
+)
 from .layer import (
     DEFAULT_ADAPTER,
     _adapters,
@@ -175,7 +182,8 @@ def _count(model: nn.Module) -> tuple[int, int]:
 def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets,
               exclude_modules: Targets | None = None,
               overrides: Mapping[str, Mapping[str, Any]] | None = None,
-              adapter_name: str = DEFAULT_ADAPTER, **options: Any) -> ConditionReport:
+              adapter_name: str = DEFAULT_ADAPTER, batch_factors: bool = True,
+              **options: Any) -> ConditionReport:
     """Condition every target layer of ``model`` with a preset and freeze the rest.
 
     Each matched layer gets :func:`weightcond.apply_preset` with ``options`` (``rank``,
@@ -199,6 +207,9 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
             ``{"value": {"rank": 16}, "dense": {"preset": "dora"}}``). The last matching
             pattern wins for each option.
         adapter_name: the adapter to build (letters, digits, ``_``, ``-``).
+        batch_factors: compute the thin factors of all the model's rotations (SORA's
+            ``skew``) in one batched call per forward, :func:`weightcond.batch_factors`
+            (``False``: remove that hook, each layer computes its own).
         **options: options for the preset on every layer.
 
     Returns:
@@ -226,6 +237,7 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
     """
     where = "condition"
     check_adapter_name(where, adapter_name)
+    check_bool(where, "batch_factors", batch_factors)
     if not isinstance(model, nn.Module):
         raise LayerTypeError(f"{where}: argument 'model' expected an nn.Module, "
                              f"got {type(model).__name__}")
@@ -257,6 +269,7 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
             error.add_note(f"while conditioning module {names[len(done)]!r}")
         raise
     _activate(model, adapter_name)
+    _batch_factors(model, batch_factors)
     trainable, total = _count(model)
     layers = {n: (p.name if isinstance(p, Preset) else p) for n, (p, _) in plan.items()}
     return ConditionReport(adapter_name, layers, trainable, total)

@@ -20,12 +20,14 @@ the result back; see :func:`compute_dtype`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Hashable, Sequence
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import batching
 from ..errors import ShapeError, StateError
 
 __all__ = ["Transform", "compute_dtype", "require_plane", "thin_update"]
@@ -113,12 +115,27 @@ class Transform(nn.Module):
         """
         return None
 
+    def batch_key(self) -> Hashable | None:
+        """Transforms with equal keys (not ``None``) compute :meth:`low_rank` together, in one
+        batched call of :meth:`low_rank_batch` (see :func:`weightcond.batch_factors`).
+        ``None`` (the default): never batched."""
+        return None
+
+    @classmethod
+    def low_rank_batch(cls, transforms: Sequence[Transform]) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`low_rank` of each of ``transforms`` (all of this class, with one
+        :meth:`batch_key`), computed together; the default computes them one by one."""
+        factors = [t.low_rank() for t in transforms]
+        if any(f is None for f in factors):
+            raise StateError(f"{cls.__name__}.low_rank_batch: a transform has no low-rank form")
+        return cast("list[tuple[Tensor, Tensor]]", factors)
+
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         """:math:`Q h` (or :math:`Q^\\top h`) for each vector ``h`` along the last dimension.
 
         In row form this is ``h @ Q.mT`` (or ``h @ Q``).
         """
-        factors = self.low_rank()
+        factors = batching.low_rank(self)
         if factors is not None:
             u, v = factors[::-1] if transpose else factors
             return thin_update(h, v.mT, u.mT)  # rows: h Qᵀ = h + (h V) Uᵀ

@@ -78,8 +78,10 @@ def matrix_exp(s: Tensor) -> Tensor:
     ``Orthogonal``/``Block``/``Butterfly`` with ``map="exp"`` whenever one matrix is
     exponentiated alone. A batch of two or more always takes the highest-degree path, so a
     lone matrix is exponentiated next to a zero matrix (twice the work of that one call).
-    :func:`lowrank_core`'s ``φ`` block has 1-norm >= 1, above the degree-8 range, and needs
-    no such care.
+    :func:`lowrank_core`'s ``φ`` block (1-norm >= 1, above the degree-8 range) goes through
+    here too: alone, a float32 block of 1-norm up to 1.46 takes the degree-12 polynomial, in
+    a batch the degree-18 one, and one matrix and a batch of them
+    (:func:`weightcond.batch_factors`) must give the same bits.
     """
     if s.shape[:-2].numel() != 1:
         return torch.linalg.matrix_exp(s)
@@ -114,16 +116,18 @@ def resolve_dense_map(where: str, map: str | Callable[[Tensor], Tensor],
 
 
 def _phi(x: Tensor) -> Tensor:
-    """:math:`\\varphi(X) = \\sum_{m\\ge 1} X^{m-1}/m!` via one matrix exponential."""
+    """:math:`\\varphi(X) = \\sum_{m\\ge 1} X^{m-1}/m!` via one matrix exponential (batched over
+    leading dims)."""
     n = x.shape[-1]
-    block = torch.zeros(2 * n, 2 * n, dtype=x.dtype, device=x.device)
-    block[:n, :n] = x
-    block[:n, n:] = torch.eye(n, dtype=x.dtype, device=x.device)
-    return torch.linalg.matrix_exp(block)[:n, n:]
+    block = x.new_zeros(*x.shape[:-2], 2 * n, 2 * n)
+    block[..., :n, :n] = x
+    block[..., :n, n:] = torch.eye(n, dtype=x.dtype, device=x.device)
+    return matrix_exp(block)[..., :n, n:]
 
 
 def lowrank_core(k: Tensor, g: Tensor, map: str) -> Tensor:
-    """The core :math:`M` with ``map(P K Pᵀ) = I + P M Pᵀ``, given ``K`` and ``G = PᵀP``."""
+    """The core :math:`M` with ``map(P K Pᵀ) = I + P M Pᵀ``, given ``K`` and ``G = PᵀP``
+    (batched over leading dims)."""
     if map == "first_order":
         return k
     if map == "exp":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -74,12 +76,9 @@ class Skew(Transform):
 
     def scale(self) -> Tensor:
         """The temperature :math:`t` (a 0-d tensor; 1 when ``temperature=False``)."""
-        dtype = compute_dtype(self.C.dtype)
         if not self.temperature:
-            return torch.ones((), dtype=dtype, device=self.C.device)
-        norms = torch.linalg.vector_norm(self.C.to(dtype)) + torch.linalg.vector_norm(
-            self.D.to(dtype))
-        return (1.0 / (norms + 1e-6)).clamp(max=1.0)
+            return torch.ones((), dtype=compute_dtype(self.C.dtype), device=self.C.device)
+        return _temperature(self.C, self.D)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(P, M)`` with :math:`Q = I + P M P^\\top`, both in the solve dtype.
@@ -91,14 +90,23 @@ class Skew(Transform):
         (or the reverse) ``map="exp"`` lost orthogonality far beyond its bound (measured
         ``max|QᵀQ - I|`` = 5e6 · n · eps at ``‖S‖₂`` = 1e4, float32; 35 · n · eps balanced).
         """
-        dtype = compute_dtype(self.C.dtype)
-        p = torch.cat([self.D, self.C], dim=-1).to(dtype)
-        with torch.no_grad():
-            norms = torch.linalg.vector_norm(p, dim=0)
-            w = torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms))
-        p = p * w
-        k = self.scale() * self._j.to(dtype) / (w[:, None] * w)
-        return p, lowrank_core(k, p.mT @ p, self.map)
+        p, core = _factors(self.C[None], self.D[None], self._j, self.map, self.temperature)
+        return p[0], core[0]
+
+    def batch_key(self) -> tuple[object, ...] | None:
+        if 2 * self.rank >= self.dim:
+            return None  # the dense path of low_rank
+        return (Skew, self.dim, self.rank, self.map, self.temperature, self.C.dtype,
+                self.D.dtype, self.C.device)
+
+    @classmethod
+    def low_rank_batch(cls, transforms: Sequence[Transform]) -> list[tuple[Tensor, Tensor]]:
+        skews = cast("list[Skew]", list(transforms))
+        c = torch.stack([t.C for t in skews])
+        d = torch.stack([t.D for t in skews])
+        first = skews[0]
+        u, v = _low_rank(c, d, first._j, first.map, first.temperature)
+        return list(zip(u.unbind(0), v.unbind(0)))
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
         """``(U, V)`` with :math:`Q = I + U V^\\top`: ``(P, P Mᵀ)``, both ``(n, 2k)``, or
@@ -117,8 +125,44 @@ class Skew(Transform):
             q = DENSE_MAPS[self.map](self.scale() * (x - x.mT))
             eye = torch.eye(self.dim, dtype=dtype, device=q.device)
             return q - eye, eye
-        p, core = self.factors()
-        return p, p @ core.mT  # I + P M Pᵀ = I + U Vᵀ with U = P, V = P Mᵀ
+        u, v = _low_rank(self.C[None], self.D[None], self._j, self.map, self.temperature)
+        return u[0], v[0]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, map={self.map!r}, temperature={self.temperature}"
+
+
+def _temperature(c: Tensor, d: Tensor) -> Tensor:
+    """:math:`\\min(1/(\\|C\\|_F + \\|D\\|_F + 10^{-6}), 1)`, batched over leading dims."""
+    dtype = compute_dtype(c.dtype)
+    norms = (torch.linalg.vector_norm(c.to(dtype), dim=(-2, -1))
+             + torch.linalg.vector_norm(d.to(dtype), dim=(-2, -1)))
+    return (1.0 / (norms + 1e-6)).clamp(max=1.0)
+
+
+def _low_rank(c: Tensor, d: Tensor, j: Tensor, map: str, temperature: bool
+              ) -> tuple[Tensor, Tensor]:
+    """:meth:`Skew.low_rank` for a batch of generators ``c``, ``d``, ``(b, n, k)``:
+    ``I + P M Pᵀ = I + U Vᵀ`` with ``U = P``, ``V = P Mᵀ``.
+
+    Note (one code path): one transform is a batch of one, so that its factors and those
+    of a batch (:meth:`Skew.low_rank_batch`, :func:`weightcond.batch_factors`) are the same
+    bits: on CPU, PyTorch multiplies tiny matrices in a batch (``bmm``) in another order
+    than alone (``mm``)."""
+    p, core = _factors(c, d, j, map, temperature)
+    return p, p @ core.mT
+
+
+def _factors(c: Tensor, d: Tensor, j: Tensor, map: str, temperature: bool
+             ) -> tuple[Tensor, Tensor]:
+    """:meth:`Skew.factors` for a batch of generators ``c``, ``d``, ``(b, n, k)``."""
+    dtype = compute_dtype(c.dtype)
+    p = torch.cat([d, c], dim=-1).to(dtype)
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(p, dim=-2)
+        w = torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms))
+    p = p * w[..., None, :]
+    k = j.to(dtype) / (w[..., :, None] * w[..., None, :])
+    if temperature:
+        k = k * _temperature(c, d)[..., None, None]
+    return p, lowrank_core(k, p.mT @ p, map)
