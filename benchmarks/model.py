@@ -38,9 +38,7 @@ def condition(model: nn.Module, name: str, s: Settings) -> nn.Module:
         config = peft.LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=TARGETS,
                                  use_dora=name == "peft_dora")
         return peft.get_peft_model(model, config)
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module_name.rsplit(".", 1)[-1] in TARGETS:
-            wc.apply_preset(module, name, rank=s.rank, alpha=2 * s.rank)
+    wc.condition(model, name, target_modules=TARGETS, rank=s.rank, alpha=2 * s.rank)
     return model
 
 
