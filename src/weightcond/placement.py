@@ -233,7 +233,7 @@ class _ScaleAdd(torch.autograd.Function):
                 grad_d = (grad * y).sum(0, dtype=accumulate)
             else:
                 grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
-                chunk = max(1, 2**20 // max(d.numel(), 1))  # rows per 4 MiB (fp32) temporary
+                chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
                 for start in range(0, grad.shape[0], chunk):
                     rows = slice(start, start + chunk)
                     grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
