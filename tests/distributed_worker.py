@@ -63,6 +63,10 @@ def build_model(preset: str) -> nn.Sequential:
     for layer in (model[0], model[2]):
         wc.apply_preset(layer, preset, rank=4)
     randomize(model)
+    # batched factors under the wrappers: DDP calls the model's forward (one batch of both
+    # layers' rotations); under FSDP2 the layers' parameters are sharded DTensors when the
+    # model's hook runs, so each layer computes its own
+    wc.batch_factors(model)
     return model
 
 
