@@ -132,8 +132,9 @@ def test_gradient_accumulation_and_no_grad() -> None:
         torch.testing.assert_close(model(xs[0]), reference(xs[0]), rtol=1e-12, atol=1e-12)
 
 
-def test_an_uncalled_layer_gets_a_zero_gradient() -> None:
-    """The documented difference: its slice of the batch receives a zero gradient."""
+def test_an_uncalled_layer_gets_no_gradient() -> None:
+    """As without batching: a member of a group whose layer the forward does not call gets
+    ``None``, not zeros, so AdamW (weight decay, momentum) leaves it alone."""
     model = model_for()
 
     class FirstHalf(nn.Module):  # holds layer 6 but calls only its group's other member, 4
@@ -147,11 +148,74 @@ def test_an_uncalled_layer_gets_a_zero_gradient() -> None:
 
     half = FirstHalf()
     wc.batch_factors(half)
-    half(torch.randn(40, 10, dtype=torch.float64)).square().sum().backward()
+    params = [p for _, p in trainable(half)]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        half(torch.randn(40, 10, dtype=torch.float64)).square().sum().backward()
+        optimizer.step()
     for t in skews(half.unused):
-        assert torch.equal(t.C.grad, torch.zeros_like(t.C))
+        assert t.C.grad is None and t.D.grad is None
     for t in skews(half.used):
         assert t.C.grad.abs().sum() > 0
+    moved = {id(p) for p, b in zip(params, before, strict=True) if not torch.equal(p, b)}
+    assert not moved & {id(p) for p in half.unused.parameters()}
+
+
+def test_a_batch_left_behind_is_not_used_once_stale(calls: dict[str, int]) -> None:
+    """A KeyboardInterrupt ends a forward without its hook: the batch stays, but a transform
+    whose parameters changed since computes its own factors, and the model's next forward
+    drops the old batch."""
+    model, reference = model_for(), model_for()
+    wc.batch_factors(model)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    handle = model[3].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(40, 10, dtype=torch.float64))
+    handle.remove()
+    assert len(batching._batches()) == 1
+    with torch.no_grad():
+        for m in (model, reference):
+            for _, p in trainable(m):
+                p.add_(0.1)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    torch.testing.assert_close(model[2](x), reference[2](x), rtol=1e-12, atol=1e-12)
+    model(torch.randn(40, 10, dtype=torch.float64))
+    assert batching._batches() == []
+
+
+def test_functional_call_inside_the_forward() -> None:
+    """``torch.func.functional_call`` on a part of the model inside its forward swaps in
+    other parameters: the layers use those, not the batch computed from the module's."""
+    inner, reference = model_for(), model_for()
+    swapped = {n: p.detach() + 0.05 for n, p in inner.named_parameters()}
+
+    class Outer(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.inner, swapped, (x,))
+
+    outer = Outer(inner)
+    wc.batch_factors(outer)
+    x = torch.randn(40, 10, dtype=torch.float64)
+    torch.testing.assert_close(outer(x), Outer(reference)(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_subclass_with_its_own_factors_is_not_batched() -> None:
+    class Scaled(Skew):
+        def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+            u, v = super().low_rank()
+            return u, 0.5 * v
+
+    assert Scaled(12, rank=2).batch_key() is None
+    assert Skew(12, rank=2).batch_key() is not None
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -238,6 +238,17 @@ def test_dora_with_zero_norm_rows_is_finite(dtype: torch.dtype, detach_norm: boo
     assert wc.get_update(layer).B.abs().sum() > 0  # the update did move
 
 
+def test_dora_under_autocast() -> None:
+    """The exactly recomputed rows (Note (cancelled rows)) stay in float32 under autocast."""
+    layer = make_layer(12, 10, dtype=torch.float32)
+    wc.apply_preset(layer, "dora", rank=2)
+    randomize(layer)
+    x = torch.randn(4, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("cancelled", [3, 16])
 def test_dora_rows_of_w_plus_update_that_cancel(detach_norm: bool, cancelled: int) -> None:

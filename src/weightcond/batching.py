@@ -11,10 +11,12 @@ together (:meth:`~weightcond.transforms.Transform.low_rank_batch`: the same oper
 stacked parameters), and the layers take their slice. :func:`weightcond.condition` turns it
 on.
 
-The values are those of the layer-by-layer computation (the same code on a stacked batch)
-and the gradients reach every parameter as before, with one difference: a transform whose
-layer the forward does not call gets a zero gradient, not ``None`` (its slice of the batch
-received none). The batch exists only during the model's forward; it is not used
+The values are those of the layer-by-layer computation (the same code on a stacked batch:
+the same bits on CPU) and each parameter gets the gradient of its own factors; a
+transform whose layer the forward does not call gets none (``None``), as without batching
+(``_Together``). A batch is used only while the model's forward runs, and only for a
+transform that still has the very parameters, unchanged, it was computed from (not so under
+``torch.func.functional_call`` on a part of the model inside its forward). It is not used
 
 * under ``torch.compile`` (the compiler fuses the small operations itself),
 * inside a saved-tensor hook context, such as non-reentrant activation checkpointing
@@ -23,7 +25,10 @@ received none). The batch exists only during the model's forward; it is not used
 * for parameters that are tensor subclasses (FSDP2's sharded ``DTensor``: the layer
   gathers its parameters in its own forward, after the model's hook),
 
-where each layer computes its own factors as without batching.
+where each layer computes its own factors as without batching. Wrappers that keep plain
+parameters sharded or flattened until each layer's own forward (FSDP1 with nested units,
+DeepSpeed ZeRO-3) are not supported: pass ``batch_factors=False`` to
+:func:`weightcond.condition` there.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ if TYPE_CHECKING:  # transforms.base uses low_rank: no import of it at run time
 
 __all__ = ["batch_factors", "low_rank"]
 
-_Factors = dict["Transform", tuple[Tensor, Tensor]]
+# each transform's factors, and its parameters with their versions when they were computed
+_Stamp = list[tuple[Tensor, int]]
+_Factors = dict["Transform", tuple[tuple[Tensor, Tensor], _Stamp]]
 _state = threading.local()  # .batches: (model, factors) of the model forwards running now
 
 
@@ -65,10 +72,67 @@ def low_rank(transform: Transform) -> tuple[Tensor, Tensor] | None:
     batches = _batches()
     if batches and not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
         for _, batch in reversed(batches):
-            factors = batch.get(transform)
-            if factors is not None:
-                return factors
+            entry = batch.get(transform)
+            if entry is not None and _current(transform, entry[1]):
+                return entry[0]
     return transform.low_rank()
+
+
+def _stamp(t: Transform) -> _Stamp | None:
+    try:
+        return [(p, p._version) for p in t.parameters()]
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _current(t: Transform, stamp: _Stamp) -> bool:
+    """Whether ``t`` still has the very parameters, unchanged, that its batched factors were
+    computed from: not so for ``torch.func.functional_call`` on a part of the model inside
+    its forward (other tensors), or after an optimizer step when a forward ended without its
+    hook (a ``KeyboardInterrupt``: the hook runs on ``Exception`` only)."""
+    params = list(t.parameters())
+    return len(params) == len(stamp) and all(
+        p is q and p._version == v for p, (q, v) in zip(params, stamp))
+
+
+class _Together(torch.autograd.Function):
+    """The factors of one group, computed by ``low_rank_batch`` as one graph, whose backward
+    gives each member's parameters the gradient of that member's factors only, and none
+    (``None``, not zeros) to a member whose factors the forward did not use: as without
+    batching, an optimizer leaves a layer the forward did not call alone."""
+
+    @staticmethod
+    def forward(ctx, members: list[Transform], owner: list[int], *params: Tensor
+                ) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            factors = type(members[0]).low_rank_batch(members)
+        outputs = [f for pair in factors for f in pair]
+        ctx.outputs, ctx.params, ctx.owner = outputs, params, owner
+        ctx.set_materialize_grads(False)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        used = {i // 2 for i, g in enumerate(grads) if g is not None}  # (U, V) per member
+        pairs = [(o, g) for o, g in zip(ctx.outputs, grads) if g is not None]
+        wanted = [k for k, p in enumerate(ctx.params)
+                  if p.requires_grad and ctx.owner[k] in used]
+        result: list[Tensor | None] = [None] * len(ctx.params)
+        if pairs and wanted:
+            found = torch.autograd.grad([o for o, _ in pairs], [ctx.params[k] for k in wanted],
+                                        [g for _, g in pairs], retain_graph=True,
+                                        create_graph=torch.is_grad_enabled(), allow_unused=True)
+            for k, g in zip(wanted, found):
+                result[k] = g
+        return (None, None, *result)
+
+
+def _together(members: list[Transform]) -> list[tuple[Tensor, Tensor]]:
+    if not torch.is_grad_enabled():
+        return type(members[0]).low_rank_batch(members)
+    params = [(i, p) for i, t in enumerate(members) for p in t.parameters()]
+    flat = _Together.apply(members, [i for i, _ in params], *(p for _, p in params))
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(members))]
 
 
 def _plain(t: Transform) -> bool:
@@ -104,21 +168,26 @@ def _compute(model: nn.Module) -> _Factors:
         for conditioner in conditioning.conditioners():
             t = conditioner.transform
             key = t.batch_key()
-            if key is not None and _plain(t):
+            if key is not None and _plain(t) and _stamp(t) is not None:
                 group = groups.setdefault(key, [])
                 if all(t is not other for other in group):  # a layer shared by two parents
                     group.append(t)
     batch: _Factors = {}
     for members in groups.values():
         if len(members) > 1:
-            batch.update(zip(members, type(members[0]).low_rank_batch(members)))
+            for t, factors in zip(members, _together(members)):
+                batch[t] = (factors, _stamp(t) or [])
     return batch
 
 
 def _before_forward(model: nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
         return
-    _batches().append((model, _compute(model)))
+    batches = _batches()
+    # a model does not run inside its own forward: an entry of this model's is left over
+    # from a forward that ended without _after_forward (a KeyboardInterrupt)
+    batches[:] = [(m, b) for m, b in batches if m is not model]
+    batches.append((model, _compute(model)))
 
 
 def _after_forward(model: nn.Module, args: Any, output: Any) -> None:

@@ -321,9 +321,10 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
             else:
                 addend = low_rank[0] @ low_rank[1] if vector is None else \
                     torch.addmm(vector, *low_rank)
-                # (dynamo cannot trace mark_dirty on a Function input; the compiler fuses
-                # the sum anyway)
-                y = _ScaleAdd.apply(y, pending, addend, not torch.compiler.is_compiling())
+                # (neither dynamo nor the JIT tracer takes mark_dirty on a Function input;
+                # the compiler fuses the sum anyway)
+                in_place = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+                y = _ScaleAdd.apply(y, pending, addend, in_place)
             pending = None
         owned = True
         i = j
@@ -609,8 +610,10 @@ class Conditioning(nn.Module):
         x = weight[rows]
         for c in pre_right:  # W_i R_pre
             x = c.transform.apply(x, transpose=True)
-        x = x.to(dtype)
-        if pre_scale is not None:
-            x = x * pre_scale.to(dtype)[rows, None]
-        x = torch.addmm(x, b[rows], a32, alpha=s)
-        return total.index_put((rows,), x.square().sum(-1))
+        # in the solve dtype under autocast too: these rows are here for their accuracy
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            if pre_scale is not None:
+                x = x * pre_scale.to(dtype)[rows, None]
+            x = torch.addmm(x, b[rows], a32, alpha=s)
+            return total.index_put((rows,), x.square().sum(-1))

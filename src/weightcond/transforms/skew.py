@@ -96,7 +96,9 @@ class Skew(Transform):
     def batch_key(self) -> tuple[object, ...] | None:
         if 2 * self.rank >= self.dim:
             return None  # the dense path of low_rank
-        return (Skew, self.dim, self.rank, self.map, self.temperature, self.C.dtype,
+        if type(self).low_rank is not Skew.low_rank:
+            return None  # a subclass with factors of its own: low_rank_batch would not know
+        return (type(self), self.dim, self.rank, self.map, self.temperature, self.C.dtype,
                 self.D.dtype, self.C.device)
 
     @classmethod
