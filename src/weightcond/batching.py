@@ -160,7 +160,8 @@ def _compute(model: nn.Module) -> _Factors:
     """The factors of every batchable transform of the model's active adapters."""
     from .layer import Adapters  # layer imports placement, which imports this module
 
-    groups: dict[Hashable, list[Transform]] = {}
+    # per key, each transform once (a layer shared by two parents) with its stamp
+    groups: dict[Hashable, dict[Transform, _Stamp]] = {}
     for module in _adapters_in(model, Adapters):
         conditioning = module.current()
         if conditioning is None or module.dense or not module.kind.matrix_free:
@@ -168,15 +169,14 @@ def _compute(model: nn.Module) -> _Factors:
         for conditioner in conditioning.conditioners():
             t = conditioner.transform
             key = t.batch_key()
-            if key is not None and _plain(t) and _stamp(t) is not None:
-                group = groups.setdefault(key, [])
-                if all(t is not other for other in group):  # a layer shared by two parents
-                    group.append(t)
+            stamp = _stamp(t) if key is not None and _plain(t) else None
+            if stamp is not None:
+                groups.setdefault(key, {})[t] = stamp
     batch: _Factors = {}
     for members in groups.values():
         if len(members) > 1:
-            for t, factors in zip(members, _together(members)):
-                batch[t] = (factors, _stamp(t) or [])
+            for (t, stamp), factors in zip(members.items(), _together(list(members))):
+                batch[t] = (factors, stamp)
     return batch
 
 
