@@ -122,11 +122,48 @@ def test_right_chain_on_the_weight_or_the_activations(chain, update: bool,
         assert W_OUT * W_IN <= size < W_TOKENS * W_IN, where
 
 
-def test_same_bits_with_and_without_grad_mode() -> None:
+@pytest.mark.parametrize("chain", RIGHT_CHAINS, ids=lambda c: "+".join(t for t, _ in c))
+def test_same_bits_with_and_without_grad_mode(chain) -> None:
     """The form depends on the input, not on ``torch.no_grad()``."""
-    layer = _right_chain_layer(RIGHT_CHAINS[0], update=True)
+    layer = _right_chain_layer(chain, update=True)
     for x in (torch.randn(W_TOKENS, W_IN, dtype=torch.float64),
               torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=True)):
         with torch.no_grad():
             y_no_grad = layer(x)
         assert torch.equal(layer(x).detach(), y_no_grad)
+
+
+class NewTensorOps(TorchDispatchMode):
+    """Records the operators that allocate a tensor of at least ``size`` elements."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.ops.add(func.overloadpacket.__name__)
+        return out
+
+
+# the GEMMs, the loss (pow, mul) and, for butterflies, their permutations (gathers)
+@pytest.mark.parametrize("transform, options, allowed", [
+    ("block", {"block_size": 8}, {"bmm", "addmm", "mm", "pow", "mul"}),
+    ("butterfly", {"block_size": 4}, {"bmm", "addmm", "mm", "pow", "mul", "index", "add",
+                                      "index_put", "new_zeros"})])
+def test_weight_form_of_blocks_makes_no_layout_copy(transform: str, options, allowed) -> None:
+    """Note (blocks in column layout): ``W Q`` is one ``bmm`` whose output the forward GEMM
+    reads as it is, and the backward makes no copy of a weight-sized tensor either."""
+    layer = make_layer(W_OUT, W_IN, dtype=torch.float32)
+    wc.register_conditioning(layer, side="right", transform=transform, **options)
+    randomize(layer)
+    x = torch.randn(W_TOKENS, W_IN)  # no gradient, out < tokens: the weight form
+    with NewTensorOps(W_OUT * W_IN) as record:
+        layer(x).square().sum().backward()
+    assert record.ops <= allowed, record.ops

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ShapeError, check_bool, check_int
@@ -15,24 +15,55 @@ from .base import Transform, compute_dtype, require_plane
 from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
 
 
-def skew_blocks(generator: Tensor, block_size: int, map: Callable[[Tensor], Tensor]) -> Tensor:
+def skew_index(block_size: int) -> Tensor:
+    """For each entry of a ``(b, b)`` block, row by row, its position in ``[0, g, -g]`` with
+    ``g`` the block's upper triangle (see :func:`skew_blocks`); a module registers it as a
+    buffer."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1)
+    count = rows.numel()
+    index = torch.zeros(block_size, block_size, dtype=torch.long)
+    index[rows, cols] = torch.arange(1, count + 1)
+    index[cols, rows] = torch.arange(count + 1, 2 * count + 1)
+    return index.flatten()
+
+
+def skew_blocks(generator: Tensor, index: Tensor, map: Callable[[Tensor], Tensor]) -> Tensor:
     """``map(S_i)`` for skew ``S_i`` whose upper triangles are the rows of ``generator``
-    (``(..., b(b-1)/2)`` → ``(..., b, b)``), computed in the solve dtype."""
+    (``(..., b(b-1)/2)`` → ``(..., b, b)``, ``index`` from :func:`skew_index`), computed in
+    the solve dtype.
+
+    Each ``S_i`` is one gather from ``[0, g_i, -g_i]`` (its backward one scatter-add), not a
+    zero matrix filled at the triangle's indices and minus its transpose (three more ops
+    each way)."""
     g = generator.to(compute_dtype(generator.dtype))
-    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=g.device)
-    s = g.new_zeros(*g.shape[:-1], block_size, block_size)
-    s[..., rows, cols] = g
-    return map(s - s.mT)
+    signed = torch.cat([g.new_zeros(*g.shape[:-1], 1), g, -g], dim=-1)
+    s = signed.index_select(-1, index)
+    b = math.isqrt(index.numel())
+    return map(s.unflatten(-1, (b, b)))
 
 
 def rotate_blocks(h: Tensor, q: Tensor, *, transpose: bool = False) -> Tensor:
     """Multiply consecutive blocks of the last dimension of ``h`` by the matrices ``q``
-    (``(n/b, b, b)``): :math:`Q_j h_j`, or :math:`Q_j^\\top h_j` with ``transpose``."""
+    (``(n/b, b, b)``): :math:`Q_j h_j`, or :math:`Q_j^\\top h_j` with ``transpose``.
+
+    Note (blocks in column layout): the products are one ``bmm`` of ``q`` with a strided
+    view of ``hᵀ`` (``(n/b, b, tokens)``, no copy), and the result is the transpose of its
+    contiguous ``(n, tokens)`` output: a column-major ``(tokens, n)`` tensor. There is no
+    layout copy in the forward or the backward, and as ``W Q`` (the weight form of a
+    right-side rotation) the result is the contiguous ``(W Q)ᵀ`` that the next GEMM reads as
+    is. One OFT layer at 1024², 2048 tokens, a CPU training step: 51.8 ms, against 52.7 ms
+    in the row layout (a permute copy each way) and 53.2 ms with ``einsum``. With the
+    input's gradient (the activations rotated) the row layout was faster in two runs
+    (56.8 against 59.0 ms, 58.0 against 58.8 ms: the GEMM of the input gradient is slower
+    in the column layout), but the layout must not depend on whether ``h`` needs a
+    gradient: the two layouts round differently, and a rotation inside a chain would then
+    give other bits under ``torch.no_grad()``.
+    """
     q = q.to(h.dtype)
-    hb = rearrange(h, "... (j b) -> ... j b", b=q.shape[-1])
-    # (Q h)_c = Σ_b Q[c, b] h_b ; (Qᵀ h)_c = Σ_b Q[b, c] h_b
-    out = torch.einsum("...jb,jbc->...jc" if transpose else "...jb,jcb->...jc", hb, q)
-    return rearrange(out, "... j b -> ... (j b)")
+    lead, n = h.shape[:-1], h.shape[-1]
+    columns = h.reshape(-1, n).mT.unflatten(0, (q.shape[0], q.shape[-1]))
+    out = torch.bmm(q.mT if transpose else q, columns)
+    return out.flatten(0, 1).mT.reshape(*lead, n)
 
 
 @register_transform("block")
@@ -80,6 +111,7 @@ class Block(Transform):
             "block", map, {"cayley_neumann": partial(cayley_neumann, terms=terms)})
         self.generator = nn.Parameter(
             torch.zeros(1 if share else dim // block_size, block_size * (block_size - 1) // 2))
+        self.register_buffer("_skew_index", skew_index(self.block_size), persistent=False)
 
     @property
     def is_orthogonal(self) -> bool:
@@ -87,7 +119,7 @@ class Block(Transform):
 
     def blocks(self) -> Tensor:
         """The rotations, shape ``(n/b, b, b)``, in the solve dtype."""
-        q = skew_blocks(self.generator, self.block_size, self._map)
+        q = skew_blocks(self.generator, self._skew_index, self._map)
         b = self.block_size
         return q.expand(self.dim // b, b, b) if self.share else q
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import ShapeError, check_int
 from . import register_transform
 from .base import Transform, require_plane
-from .block import rotate_blocks, skew_blocks
+from .block import rotate_blocks, skew_blocks, skew_index
 from .maps import EXACT_MAPS, resolve_dense_map
 
 
@@ -77,6 +77,7 @@ class Butterfly(Transform):
         perm = torch.tensor(perms)
         self.register_buffer("_perm", perm, persistent=False)
         self.register_buffer("_inverse", torch.argsort(perm, dim=-1), persistent=False)
+        self.register_buffer("_skew_index", skew_index(self.block_size), persistent=False)
 
     @property
     def is_orthogonal(self) -> bool:
@@ -84,7 +85,7 @@ class Butterfly(Transform):
 
     def blocks(self) -> Tensor:
         """The block rotations, shape ``(m, n/b, b, b)``, in the solve dtype."""
-        return skew_blocks(self.generator, self.block_size, self._map)
+        return skew_blocks(self.generator, self._skew_index, self._map)
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         blocks = self.blocks()
