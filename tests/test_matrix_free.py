@@ -167,3 +167,53 @@ def test_weight_form_of_blocks_makes_no_layout_copy(transform: str, options, all
     with NewTensorOps(W_OUT * W_IN) as record:
         layer(x).square().sum().backward()
     assert record.ops <= allowed, record.ops
+
+
+@pytest.mark.parametrize("map_name, share", [("cayley", False), ("exp", True)])
+@pytest.mark.parametrize("input_grad, weight_grad", [(True, False), (False, False),
+                                                      (True, True), (False, True)])
+def test_fused_block_linear_equals_dense(map_name: str, share: bool, input_grad: bool,
+                                         weight_grad: bool) -> None:
+    """Note (the input gradient gives the blocks' gradient): an exactly orthogonal block
+    alone on the right computes the GEMM itself; with the input's gradient its blocks'
+    gradient comes from that gradient (no rotated activations in the forward), and every
+    gradient (input, blocks, bias, an unfrozen weight) equals the dense form's."""
+    layer = make_layer(W_OUT, W_IN)
+    block = wc.register_conditioning(layer, side="right", transform="block", block_size=8,
+                                     map=map_name, share=share).transform
+    randomize(layer)
+    layer.parametrizations.weight.original.requires_grad_(weight_grad)
+    layer.bias.requires_grad_(True)
+    assert block.fuses_linear
+    x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=input_grad)
+    cotangent = torch.randn(W_TOKENS, W_OUT, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = [x, *params] if input_grad else params
+    with LargestNewTensor() as record:
+        y = layer(x)
+    assert record.largest[0] < W_TOKENS * W_IN, record.largest  # the weight form
+    grads = torch.autograd.grad(y, inputs, cotangent)
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(grads_dense) == len(inputs) >= 2
+    for g, gd in zip(grads, grads_dense):
+        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)
+
+
+def test_inexact_block_maps_do_not_fuse() -> None:
+    """The fused backward rests on Q⁻¹ = Qᵀ; the first-order and Neumann maps rotate the
+    activations instead (and still equal the dense form)."""
+    for map_name in ("first_order", "cayley_neumann"):
+        layer = make_layer(W_OUT, W_IN)
+        block = wc.register_conditioning(layer, side="right", transform="block",
+                                         block_size=8, map=map_name).transform
+        randomize(layer)
+        assert not block.fuses_linear
+        x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=True)
+        with LargestNewTensor() as record:
+            y = layer(x)
+        assert record.largest[0] >= W_TOKENS * W_IN  # the activations were rotated
+        with wc.dense_forward(layer):
+            torch.testing.assert_close(y, layer(x))

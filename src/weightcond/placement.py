@@ -188,6 +188,19 @@ def _on_weight(x: Tensor, tokens: int, out_features: int) -> bool:
     return tokens > out_features and not x.requires_grad
 
 
+def _fused(right_pre: list[tuple[Conditioner, Tensor | None]], x: Tensor, tokens: int,
+           out_features: int) -> Transform | None:
+    """The transform whose :meth:`~weightcond.transforms.Transform.rotated_linear` computes the
+    base GEMM, or ``None`` (see Note (rotate the weight or the activations))."""
+    if len(right_pre) != 1 or right_pre[0][1] is not None:
+        return None
+    transform = right_pre[0][0].transform
+    if not transform.fuses_linear:
+        return None
+    limit = 2 * tokens if x.requires_grad else tokens
+    return transform if out_features < limit else None
+
+
 def _rows_times(rows: Tensor, items: list[tuple[Conditioner, Tensor | None]]) -> Tensor:
     """``rows · M_1 ⋯ M_k`` for the conditioners ``items`` in that order (with their
     norm-tied diagonals, if any): a right chain as registered, a left chain reversed."""
@@ -430,7 +443,13 @@ class Conditioning(nn.Module):
         its gradient. So the weight form is taken when ``out < tokens`` and ``x`` needs no
         gradient (the first adapted layer of a model, inference); then :math:`W R_\\text{pre}`
         is smaller than the activations it replaces (OFT at 1024², 2048 tokens: the block
-        products on half as many rows).
+        products on half as many rows). A lone right pre conditioner whose transform
+        :attr:`~weightcond.transforms.Transform.fuses_linear` (an exactly orthogonal
+        ``block``) computes the base GEMM itself and reads its own gradient off the input
+        gradient, so with ``x``'s gradient the weight form costs ``out·cost`` plus
+        ``tokens·cost`` against the activation form's three ``tokens·cost``, and it is taken
+        when ``out < 2·tokens`` (Note (the input gradient gives the blocks' gradient) in
+        :meth:`weightcond.transforms.Block.rotated_linear`).
         """
         conditioners = self.conditioners()
         diags = self._diagonals(weight, conditioners)
@@ -445,7 +464,8 @@ class Conditioning(nn.Module):
         right_pre = [(c, d) for c, d in pre if not c.is_left]
         folded = _fold_right([c for c, _ in right_pre], weight, h_post) if fold else None
         h_pre = h_post
-        if folded is None and right_pre:
+        fused = None if folded is not None else _fused(right_pre, x, tokens, self.out_features)
+        if folded is None and right_pre and fused is None:
             if _on_weight(x, tokens, self.out_features):
                 weight = _rows_times(weight, right_pre)  # W R_1 ⋯ R_k, R_pre is now in W
                 right_pre = []
@@ -455,8 +475,13 @@ class Conditioning(nn.Module):
         folded_terms: list[_Step] = list(folded or [])
         lead, flat = h_pre.shape[:-1], h_pre.reshape(-1, h_pre.shape[-1])  # 2-D: see _run
         update: list[_LowRank] = self._update_terms(h_post)
+
+        def linear(b: Tensor | None) -> Tensor:
+            return F.linear(flat, weight, b) if fused is None else \
+                fused.rotated_linear(flat, weight, b)
+
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(lambda: F.linear(flat, weight, bias), [*folded_terms, *update], lead)
+            return _run(lambda: linear(bias), [*folded_terms, *update], lead)
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
@@ -496,7 +521,7 @@ class Conditioning(nn.Module):
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
-        return _run(lambda: F.linear(flat, weight), chain, lead)
+        return _run(lambda: linear(None), chain, lead)
 
     def _update_terms(self, h: Tensor) -> list[_LowRank]:
         if self.update is None:

@@ -130,6 +130,18 @@ class Transform(nn.Module):
             raise StateError(f"{cls.__name__}.low_rank_batch: a transform has no low-rank form")
         return cast("list[tuple[Tensor, Tensor]]", factors)
 
+    @property
+    def fuses_linear(self) -> bool:
+        """``True`` when :meth:`rotated_linear` computes the layer's GEMM with this transform
+        on the input side of ``W`` (see Note (rotate the weight or the activations) in
+        :meth:`weightcond.placement.Conditioning.activation`)."""
+        return False
+
+    def rotated_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """:math:`x (W Q)^\\top + b` for 2-D ``x``, with a backward of its own; only for
+        transforms with :attr:`fuses_linear`."""
+        raise StateError(f"{type(self).__name__} has no fused linear (fuses_linear is False)")
+
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         """:math:`Q h` (or :math:`Q^\\top h`) for each vector ``h`` along the last dimension.
 

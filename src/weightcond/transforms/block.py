@@ -66,6 +66,41 @@ def rotate_blocks(h: Tensor, q: Tensor, *, transpose: bool = False) -> Tensor:
     return out.flatten(0, 1).mT.reshape(*lead, n)
 
 
+class _RotatedLinear(torch.autograd.Function):
+    """``x (W Q)ᵀ + b`` for ``Q = blockdiag(q_j)`` orthogonal (see :meth:`Block.rotated_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: Tensor) -> Tensor:
+        wq_t = rotate_blocks(weight, q, transpose=True).mT  # (W Q)ᵀ, contiguous (in, out)
+        ctx.save_for_backward(x, weight, q, wq_t)
+        ctx.has_bias = bias is not None
+        return x @ wq_t if bias is None else torch.addmm(bias, x, wq_t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, q, wq_t = ctx.saved_tensors
+        blocks, b = q.shape[0], q.shape[-1]
+        grad_x = grad_weight = grad_bias = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ wq_t.mT
+        if ctx.needs_input_grad[3] and grad_x is not None:
+            # g W = (g W Q) Qᵀ = grad_x Qᵀ, so block j of Wᵀ gᵀ x is Q_j grad_xⱼᵀ x_j
+            products = torch.bmm(grad_x.mT.unflatten(0, (blocks, b)),
+                                 x.unflatten(-1, (blocks, b)).transpose(0, 1))
+            grad_q = q @ products
+        if ctx.needs_input_grad[1] or (ctx.needs_input_grad[3] and grad_q is None):
+            grad_wq_t = x.mT @ grad  # the gradient of (W Q)ᵀ, (in, out)
+            if ctx.needs_input_grad[3] and grad_q is None:
+                # block j of Wᵀ · grad(W Q), as (grad(W Q)ᵀ_j W_j)ᵀ (the faster bmm layout)
+                grad_q = torch.bmm(grad_wq_t.unflatten(0, (blocks, b)),
+                                   weight.mT.unflatten(0, (blocks, b)).mT).mT
+            if ctx.needs_input_grad[1]:
+                grad_weight = rotate_blocks(grad_wq_t.mT, q)  # grad(W Q) Qᵀ
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias, grad_q
+
+
 @register_transform("block")
 class Block(Transform):
     r"""Rotate each block of ``block_size`` consecutive coordinates independently (OFT).
@@ -125,6 +160,29 @@ class Block(Transform):
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         return rotate_blocks(h, self.blocks(), transpose=transpose)
+
+    @property
+    def fuses_linear(self) -> bool:
+        return self.is_orthogonal
+
+    def rotated_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """:math:`x (W Q)^\\top + b` with :math:`W Q` formed (one ``bmm``), for exactly
+        orthogonal maps.
+
+        Note (the input gradient gives the blocks' gradient): the gradient reaching
+        :math:`Q` is the block diagonal of :math:`W^\\top g^\\top x`, and
+        :math:`g W = (g W Q) Q^\\top`: block :math:`j` is
+        :math:`Q_j\\,(\\partial x)_j^\\top x_j` with :math:`\\partial x = g\\,(W Q)`, the
+        input's gradient, which the backward computes anyway. When ``x`` needs its gradient
+        this costs ``tokens·n·b`` after that GEMM, instead of the activation form's three
+        ``tokens·n·b`` block products (rotating ``x`` forward, its gradient back, and the
+        blocks' gradient); without it, block :math:`j` is read from ``gᵀx`` (one GEMM,
+        ``out·n·b``). It rests on :math:`Q_j^{-1} = Q_j^\\top`, so only the exact maps
+        (``"cayley"``, ``"exp"``) use it; it is tested against the dense form in float64.
+        """
+        if not self.fuses_linear:
+            return super().rotated_linear(x, weight, bias)
+        return _RotatedLinear.apply(x, weight, bias, self.blocks().to(x.dtype))
 
     def matrix(self) -> Tensor:
         return torch.block_diag(*self.blocks()).to(self.generator.dtype)
