@@ -125,7 +125,10 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
                       "targets' input needs no gradient, so when out < tokens ours rotates "
                       "W's rows instead of the activations (Note (rotate the weight or the "
                       "activations) in `weightcond.placement`); the last pair gives the input a "
-                      "gradient, as inside a model, where both rotate the activations.", "",
+                      "gradient, as inside a model, where PEFT rotates the activations and ours, "
+                      "with an exact map, still forms W R and reads the blocks' gradient off the "
+                      "input's gradient (Note (the input gradient gives the blocks' gradient) in "
+                      "`weightcond.transforms.Block.rotated_linear`).", "",
                       "| shape | ours | PEFT | setting | ratio |", "|---|---|---|---|---|"]
             lines += [f"| {shape} | {a} | {b} | {what} | {r:.3f} |" for shape, a, b, what, r
                       in like]
