@@ -152,18 +152,18 @@ class NewTensorOps(TorchDispatchMode):
         return out
 
 
-# the GEMMs, the loss (pow, mul) and, for butterflies, their permutations (gathers)
-@pytest.mark.parametrize("transform, options, allowed", [
-    ("block", {"block_size": 8}, {"bmm", "addmm", "mm", "pow", "mul"}),
-    ("butterfly", {"block_size": 4}, {"bmm", "addmm", "mm", "pow", "mul", "index", "add",
-                                      "index_put", "new_zeros"})])
-def test_weight_form_of_blocks_makes_no_layout_copy(transform: str, options, allowed) -> None:
-    """Note (blocks in column layout): ``W Q`` is one ``bmm`` whose output the forward GEMM
-    reads as it is, and the backward makes no copy of a weight-sized tensor either."""
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_weight_form_of_blocks_makes_no_layout_copy(input_grad: bool) -> None:
+    """Note (block layouts): ``W Q`` is one ``bmm`` whose output the forward GEMM reads as
+    it is (Block.rotated_linear), and the backward makes no copy of a weight-sized tensor
+    either: only the GEMMs, the loss (pow, mul) and, with the input's gradient, its
+    accumulation allocate that much."""
+    allowed = {"bmm", "addmm", "mm", "pow", "mul"}
+    transform, options = "block", {"block_size": 8}
     layer = make_layer(W_OUT, W_IN, dtype=torch.float32)
     wc.register_conditioning(layer, side="right", transform=transform, **options)
     randomize(layer)
-    x = torch.randn(W_TOKENS, W_IN)  # no gradient, out < tokens: the weight form
+    x = torch.randn(W_TOKENS, W_IN, requires_grad=input_grad)  # out < tokens: the weight form
     with NewTensorOps(W_OUT * W_IN) as record:
         layer(x).square().sum().backward()
     assert record.ops <= allowed, record.ops

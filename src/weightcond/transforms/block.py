@@ -46,24 +46,28 @@ def rotate_blocks(h: Tensor, q: Tensor, *, transpose: bool = False) -> Tensor:
     """Multiply consecutive blocks of the last dimension of ``h`` by the matrices ``q``
     (``(n/b, b, b)``): :math:`Q_j h_j`, or :math:`Q_j^\\top h_j` with ``transpose``.
 
-    Note (blocks in column layout): the products are one ``bmm`` of ``q`` with a strided
-    view of ``hᵀ`` (``(n/b, b, tokens)``, no copy), and the result is the transpose of its
-    contiguous ``(n, tokens)`` output: a column-major ``(tokens, n)`` tensor. There is no
-    layout copy in the forward or the backward, and as ``W Q`` (the weight form of a
-    right-side rotation) the result is the contiguous ``(W Q)ᵀ`` that the next GEMM reads as
-    is. One OFT layer at 1024², 2048 tokens, a CPU training step: 51.8 ms, against 52.7 ms
-    in the row layout (a permute copy each way) and 53.2 ms with ``einsum``. With the
-    input's gradient (the activations rotated) the row layout was faster in two runs
-    (56.8 against 59.0 ms, 58.0 against 58.8 ms: the GEMM of the input gradient is slower
-    in the column layout), but the layout must not depend on whether ``h`` needs a
-    gradient: the two layouts round differently, and a rotation inside a chain would then
-    give other bits under ``torch.no_grad()``.
+    Note (block layouts): the products are one ``bmm`` on a strided ``(n/b, tokens, b)``
+    view of ``h`` (no copy in), and the result is made row-major like ``h`` (one permute
+    copy). The column layout (the ``bmm`` on a view of ``hᵀ``, its ``(n, tokens)`` output
+    transposed) saves that copy, but the GEMM that follows then computes the input's
+    gradient in the transposed orientation, which was slower: one OFT layer at 1024², 2048
+    tokens, with the input's gradient took 58.8–59.0 ms a step against 56.8–58.0 ms in the
+    row layout and 60.1 ms with ``einsum`` (two runs). The layout must not depend on
+    whether ``h`` needs a gradient: the two round differently, and a rotation inside a chain
+    would then give other bits under ``torch.no_grad()``. The weight form of an exact block
+    uses the column layout (:meth:`Block.rotated_linear`), where ``W Q`` is read by the
+    GEMM as the contiguous ``(W Q)ᵀ``.
     """
     q = q.to(h.dtype)
     lead, n = h.shape[:-1], h.shape[-1]
-    columns = h.reshape(-1, n).mT.unflatten(0, (q.shape[0], q.shape[-1]))
-    out = torch.bmm(q.mT if transpose else q, columns)
-    return out.flatten(0, 1).mT.reshape(*lead, n)
+    rows = h.reshape(-1, n).unflatten(-1, (q.shape[0], q.shape[-1])).transpose(0, 1)
+    out = torch.bmm(rows, q if transpose else q.mT)
+    return out.transpose(0, 1).reshape(*lead, n)
+
+
+def _weight_times_blocks(weight: Tensor, q: Tensor) -> Tensor:
+    """``(W Q)ᵀ`` as a contiguous ``(n, out)`` tensor: one ``bmm`` on a view of ``Wᵀ``."""
+    return torch.bmm(q.mT, weight.mT.unflatten(0, (q.shape[0], q.shape[-1]))).flatten(0, 1)
 
 
 class _RotatedLinear(torch.autograd.Function):
@@ -71,7 +75,7 @@ class _RotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: Tensor) -> Tensor:
-        wq_t = rotate_blocks(weight, q, transpose=True).mT  # (W Q)ᵀ, contiguous (in, out)
+        wq_t = _weight_times_blocks(weight, q)
         ctx.save_for_backward(x, weight, q, wq_t)
         ctx.has_bias = bias is not None
         return x @ wq_t if bias is None else torch.addmm(bias, x, wq_t)
@@ -95,7 +99,7 @@ class _RotatedLinear(torch.autograd.Function):
                 grad_q = torch.bmm(grad_wq_t.unflatten(0, (blocks, b)),
                                    weight.mT.unflatten(0, (blocks, b)).mT).mT
             if ctx.needs_input_grad[1]:
-                grad_weight = rotate_blocks(grad_wq_t.mT, q)  # grad(W Q) Qᵀ
+                grad_weight = torch.bmm(q, grad_wq_t.unflatten(0, (blocks, b))).flatten(0, 1).mT
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, grad_q
