@@ -96,26 +96,34 @@ def _right_chain_layer(chain, update: bool) -> torch.nn.Linear:
     return layer
 
 
+def _fast_equals_dense(layer: torch.nn.Module, input_grad: bool):
+    """Checks the fast output and gradients against the dense form's (float64); returns the
+    largest new tensor of the fast forward and backward, and of the forward alone."""
+    x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=input_grad)
+    cotangent = torch.randn(W_TOKENS, W_OUT, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = [x, *params] if input_grad else params
+    with LargestNewTensor() as forward:
+        y = layer(x)
+    with LargestNewTensor() as backward:
+        grads = torch.autograd.grad(y, inputs, cotangent)
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(grads_dense) == len(inputs)
+    for g, gd in zip(grads, grads_dense):
+        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)
+    return max(forward.largest, backward.largest), forward.largest
+
+
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("chain", RIGHT_CHAINS, ids=lambda c: "+".join(t for t, _ in c))
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_right_chain_on_the_weight_or_the_activations(chain, update: bool,
                                                       input_grad: bool) -> None:
     layer = _right_chain_layer(chain, update)
-    x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=input_grad)
-    cotangent = torch.randn(W_TOKENS, W_OUT, dtype=torch.float64)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    inputs = [x, *params] if input_grad else params
-    with LargestNewTensor() as record:
-        y = layer(x)
-        grads = torch.autograd.grad(y, inputs, cotangent)
-    with wc.dense_forward(layer):
-        y_dense = layer(x)
-        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
-    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
-    for g, gd in zip(grads, grads_dense):
-        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)
-    size, where = record.largest
+    size, where = _fast_equals_dense(layer, input_grad)[0]
     if input_grad:  # the activations are rotated: a (tokens, in) tensor exists
         assert size >= W_TOKENS * W_IN, where
     else:  # W R_pre (out, in) instead; nothing as large as the activations is created
@@ -185,21 +193,9 @@ def test_fused_block_linear_equals_dense(map_name: str, share: bool, input_grad:
     layer.parametrizations.weight.original.requires_grad_(weight_grad)
     layer.bias.requires_grad_(True)
     assert block.fuses_linear
-    x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=input_grad)
-    cotangent = torch.randn(W_TOKENS, W_OUT, dtype=torch.float64)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    inputs = [x, *params] if input_grad else params
-    with LargestNewTensor() as record:
-        y = layer(x)
-    assert record.largest[0] < W_TOKENS * W_IN, record.largest  # the weight form
-    grads = torch.autograd.grad(y, inputs, cotangent)
-    with wc.dense_forward(layer):
-        y_dense = layer(x)
-        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
-    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(grads_dense) == len(inputs) >= 2
-    for g, gd in zip(grads, grads_dense):
-        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)
+    assert len([p for p in layer.parameters() if p.requires_grad]) >= 2
+    forward = _fast_equals_dense(layer, input_grad)[1]
+    assert forward[0] < W_TOKENS * W_IN, forward  # the weight form
 
 
 def test_inexact_block_maps_do_not_fuse() -> None:
