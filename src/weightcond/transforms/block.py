@@ -32,9 +32,8 @@ def skew_blocks(generator: Tensor, index: Tensor, map: Callable[[Tensor], Tensor
     (``(..., b(b-1)/2)`` → ``(..., b, b)``, ``index`` from :func:`skew_index`), computed in
     the solve dtype.
 
-    Each ``S_i`` is one gather from ``[0, g_i, -g_i]`` (its backward one scatter-add), not a
-    zero matrix filled at the triangle's indices and minus its transpose (three more ops
-    each way)."""
+    Each ``S_i`` is one gather from ``[0, g_i, -g_i]`` (its backward one scatter-add)
+    instead of a zero matrix filled at the triangle's indices minus its transpose."""
     g = generator.to(compute_dtype(generator.dtype))
     signed = torch.cat([g.new_zeros(*g.shape[:-1], 1), g, -g], dim=-1)
     s = signed.index_select(-1, index)
