@@ -249,6 +249,29 @@ def test_dora_under_autocast() -> None:
     torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_fused_block_under_autocast(input_grad: bool) -> None:
+    """Block.rotated_linear (the OFT weight form) runs its backward in the autocast dtype
+    its forward GEMMs ran in, and agrees with float32."""
+    grads = {}
+    for autocast in (False, True):
+        layer = make_layer(16, 64, dtype=torch.float32)
+        block = wc.register_conditioning(layer, side="right", transform="block",
+                                         block_size=8).transform
+        randomize(layer)
+        assert block.fuses_linear
+        x = torch.randn(128, 64, generator=torch.Generator().manual_seed(0),
+                        requires_grad=input_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()
+        grads[autocast] = [block.generator.grad, *([x.grad] if input_grad else [])]
+    for got, expected in zip(grads[True], grads[False], strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max())
+
+
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("cancelled", [3, 16])
 def test_dora_rows_of_w_plus_update_that_cancel(detach_norm: bool, cancelled: int) -> None:

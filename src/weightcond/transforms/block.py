@@ -81,7 +81,9 @@ class _RotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, q, wq_t = ctx.saved_tensors
+        # under autocast the forward's GEMMs ran in the autocast dtype (that of grad) on
+        # inputs saved in their own: the backward runs in it too, as autograd's would
+        x, weight, q, wq_t = (t.to(grad.dtype) for t in ctx.saved_tensors)
         blocks, b = q.shape[0], q.shape[-1]
         grad_x = grad_weight = grad_bias = grad_q = None
         if ctx.needs_input_grad[0]:
