@@ -177,6 +177,28 @@ def test_weight_form_of_blocks_makes_no_layout_copy(input_grad: bool) -> None:
     assert record.ops <= allowed, record.ops
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_weight_form_saves_w_q_only_for_the_input_gradient(input_grad: bool) -> None:
+    """``(W Q)ᵀ`` serves the backward only for the input's gradient: without it, the fused
+    block saves none (one weight-sized tensor less held until the backward)."""
+    layer = make_layer(W_OUT, W_IN, dtype=torch.float32)
+    wc.register_conditioning(layer, side="right", transform="block", block_size=8)
+    randomize(layer)
+    x = torch.randn(W_TOKENS, W_IN, requires_grad=input_grad)
+    weight = layer.parametrizations.weight.original
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert ((W_IN, W_OUT) in saved) == input_grad, saved
+
+
 @pytest.mark.parametrize("map_name, share", [("cayley", False), ("exp", True)])
 @pytest.mark.parametrize("input_grad, weight_grad", [(True, False), (False, False),
                                                       (True, True), (False, True)])

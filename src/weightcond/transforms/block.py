@@ -75,7 +75,8 @@ class _RotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: Tensor) -> Tensor:
         wq_t = _weight_times_blocks(weight, q)
-        ctx.save_for_backward(x, weight, q, wq_t)
+        # (W Q)ᵀ serves only the input's gradient: without it, it is freed after the forward
+        ctx.save_for_backward(x, weight, q, wq_t if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return x @ wq_t if bias is None else torch.addmm(bias, x, wq_t)
 
@@ -83,7 +84,8 @@ class _RotatedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         # under autocast the forward's GEMMs ran in the autocast dtype (that of grad) on
         # inputs saved in their own: the backward runs in it too, as autograd's would
-        x, weight, q, wq_t = (t.to(grad.dtype) for t in ctx.saved_tensors)
+        x, weight, q, wq_t = (None if t is None else t.to(grad.dtype)
+                              for t in ctx.saved_tensors)
         blocks, b = q.shape[0], q.shape[-1]
         grad_x = grad_weight = grad_bias = grad_q = None
         if ctx.needs_input_grad[0]:

@@ -50,8 +50,10 @@ def cayley(s: Tensor) -> Tensor:
     the inverse is as well conditioned as the solve (``inv_ex``: it is invertible for every
     skew ``S``, and no error check means no host sync).
     """
-    eye = _eye_like(s)
-    return 2 * torch.linalg.inv_ex(eye - s / 2)[0] - eye
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    # I - S/2 and 2 B - I as one op each: the same bits (halving and doubling are exact)
+    inverse = torch.linalg.inv_ex(torch.add(eye, s, alpha=-0.5))[0]
+    return torch.add(eye.neg(), inverse, alpha=2)
 
 
 def cayley_neumann(s: Tensor, terms: int) -> Tensor:
