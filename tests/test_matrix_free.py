@@ -13,13 +13,9 @@ import weightcond as wc
 from helpers import make_layer, randomize
 
 
-class LargestNewTensor(TorchDispatchMode):
-    """Records the largest tensor (by element count) that an operator allocates; views of
-    existing storage are not allocations."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest: tuple[int, str] = (0, "")
+class NewTensors(TorchDispatchMode):
+    """Sees every tensor an operator allocates (:meth:`record`); views of existing storage
+    are not allocations."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -27,8 +23,22 @@ class LargestNewTensor(TorchDispatchMode):
                   if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, (t.numel(), f"{func} -> {tuple(t.shape)}"))
+                self.record(func, t)
         return out
+
+    def record(self, func, t: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class LargestNewTensor(NewTensors):
+    """Records the largest tensor (by element count) that an operator allocates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest: tuple[int, str] = (0, "")
+
+    def record(self, func, t: torch.Tensor) -> None:
+        self.largest = max(self.largest, (t.numel(), f"{func} -> {tuple(t.shape)}"))
 
 
 # tokens < min(out, in): activations stay below out·in; 16 tokens fold thin rotations
@@ -141,7 +151,7 @@ def test_same_bits_with_and_without_grad_mode(chain) -> None:
         assert torch.equal(layer(x).detach(), y_no_grad)
 
 
-class NewTensorOps(TorchDispatchMode):
+class NewTensorOps(NewTensors):
     """Records the operators that allocate a tensor of at least ``size`` elements."""
 
     def __init__(self, size: int) -> None:
@@ -149,15 +159,9 @@ class NewTensorOps(TorchDispatchMode):
         self.size = size
         self.ops: set[str] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.size \
-                    and t.untyped_storage().data_ptr() not in inputs:
-                self.ops.add(func.overloadpacket.__name__)
-        return out
+    def record(self, func, t: torch.Tensor) -> None:
+        if t.numel() >= self.size:
+            self.ops.add(func.overloadpacket.__name__)
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
