@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -15,6 +16,7 @@ from common import Settings, interleaved_medians
 
 import weightcond as wc
 from weightcond.profiling import step_peak_bytes
+from weightcond.transforms.block import _RotatedLinear, rotate_blocks
 
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 1024)]  # (out, in)
 QUICK_SHAPES = [(256, 256)]
@@ -62,6 +64,40 @@ class _InputGrad(nn.Module):
         return self.model(x.detach().requires_grad_())
 
 
+def _block_kernels(form: str) -> Callable[[Wrap, Settings], nn.Module]:
+    def build(model: Wrap, s: Settings) -> nn.Module:
+        return _BlockKernels(model, form)
+    return build
+
+
+class _BlockKernels(nn.Module):
+    """Not a method: the kernels of weightcond's 32-blocks rotation with the blocks fixed (no
+    Cayley map, no parametrization, no optimizer step), the least that rotation costs through
+    them. ``form="weight"`` forms ``W R`` and reads the blocks' gradient off ``gᵀx`` (what
+    ``block_b32`` runs here, :meth:`weightcond.transforms.Block.rotated_linear`);
+    ``"activations"`` rotates the input and then runs the layer (as PEFT OFT does). Either
+    way the gradient reaches the blocks."""
+
+    BLOCK = 32
+
+    def __init__(self, model: Wrap, form: str) -> None:
+        super().__init__()
+        self.model, self.form = model, form
+        weight = model.proj.weight
+        generator = torch.Generator().manual_seed(0)
+        q = torch.linalg.qr(torch.randn(weight.shape[1] // self.BLOCK, self.BLOCK, self.BLOCK,
+                                        generator=generator, dtype=torch.float64))[0]
+        # a plain tensor, not a parameter: the step has no optimizer
+        self.blocks = q.to(weight.device, weight.dtype).requires_grad_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.blocks.grad = None
+        proj = self.model.proj
+        if self.form == "weight":
+            return _RotatedLinear.apply(x, proj.weight, proj.bias, self.blocks)
+        return F.linear(rotate_blocks(x, self.blocks), proj.weight, proj.bias)
+
+
 def _preset(name: str, **options) -> Callable[[Wrap, Settings], nn.Module]:
     def build(model: Wrap, s: Settings) -> nn.Module:
         wc.apply_preset(model.proj, name, rank=s.rank, alpha=2 * s.rank, **options)
@@ -86,6 +122,8 @@ CANDIDATES: dict[str, tuple[Callable[[Wrap, Settings], nn.Module], str]] = {
     "peft_hra_r8": (_peft("HRAConfig", r=8), "peer"),
     "full_finetune": (_full, "peer"),
     "floor_fwd_input_grad": (_floor, "floor"),
+    "kernels_block_b32_weight": (_block_kernels("weight"), "floor"),
+    "kernels_block_b32_activations": (_block_kernels("activations"), "floor"),
     "lora": (_preset("lora"), "ours"),
     "dora": (_preset("dora"), "ours"),
     "pre_diag": (_preset("pre_diag"), "ours"),

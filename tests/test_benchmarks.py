@@ -21,8 +21,40 @@ def test_quick_benchmark_runs_every_level(tmp_path: Path) -> None:
     assert {"environment", "layer", "transforms", "model", "targets"} <= set(data)
     layer = next(iter(data["layer"].values()))
     assert {"peft_lora", "peft_dora", "peft_oft_b32", "peft_hra_r8", "full_finetune", "lora",
-            "dora", "pre_diag", "sora_cayley", "block_b32", "householder_k8"} <= set(layer)
+            "dora", "pre_diag", "sora_cayley", "block_b32", "householder_k8",
+            "floor_fwd_input_grad", "kernels_block_b32_weight",
+            "kernels_block_b32_activations"} <= set(layer)
     assert all(e["time_s"]["median"] > 0 and e["peak_bytes"] > 0 for e in layer.values())
+    block = next(t for t in data["targets"] if "block_b32 time" in t["description"])
+    assert {"floor_ratio", "kernel_floor_ratio"} <= set(block)
     assert (tmp_path / "cpu-float32-quick.png").stat().st_size > 0
     report = (tmp_path / "cpu-float32-quick.md").read_text()
     assert "### Targets" in report and "MiniLM" in report
+
+
+def test_block_kernel_floors_compute_the_rotation_and_its_gradient() -> None:
+    """The two kernel floors run the whole rotation: the same output and blocks' gradient as
+    the dense ``x (W R)ᵀ + b``, in float64."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import layer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(10, 64, dtype=torch.float64)
+    grad = torch.randn(10, 48, dtype=torch.float64)
+    results = []
+    for form in ("weight", "activations"):
+        floor = layer._BlockKernels(layer.Wrap(linear), form)
+        q = floor.blocks.detach().requires_grad_()
+        dense = x @ (linear.weight @ torch.block_diag(*q)).mT + linear.bias
+        dense.backward(grad)
+        out = floor(x)
+        torch.testing.assert_close(out, dense)
+        out.backward(grad)
+        torch.testing.assert_close(floor.blocks.grad, q.grad)
+        results.append(floor.blocks.grad)
+    assert results[0].abs().sum() > 0
