@@ -80,6 +80,46 @@ def test_the_recorder_sees_the_dense_path() -> None:
     assert record.largest[0] >= OUT * IN
 
 
+class ThinProducts(TorchDispatchMode):
+    """Records the layout of every matrix product with a thin output: ``(M, N)`` with
+    ``N <= 8 < min(M, K)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in {"mm", "addmm", "addmm_"}:
+            a, b = args[-2:] if name == "mm" else args[1:3]
+            m, k, n = a.shape[0], a.shape[1], b.shape[1]
+            if n <= 8 < min(m, k):
+                self.seen.append((tuple(out.shape), a.stride(), b.stride()))
+        return out
+
+
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("transform, options", [("householder", {"reflections": 4}),
+                                                ("skew", {"rank": 2})])
+def test_thin_products_are_row_major_times_transposed(transform: str, options, side: str,
+                                                      update: bool) -> None:
+    """Note (thin GEMMs): a product with a thin output is ``A Bᵀ`` with ``A`` and ``B``
+    row-major (``F.linear`` on a contiguous ``(k, n)`` factor), forward and backward."""
+    layer = make_layer(OUT, IN, dtype=torch.float32)
+    if update:
+        wc.register_update(layer, rank=4)
+    wc.register_conditioning(layer, side=side, transform=transform, **options)
+    randomize(layer)
+    x = torch.randn(TOKENS, IN)
+    with ThinProducts() as record:
+        layer(x).square().sum().backward()
+    assert record.seen  # the folded path has thin products
+    for shape, a_strides, b_strides in record.seen:
+        assert a_strides[1] == 1 and b_strides[0] == 1, (shape, a_strides, b_strides)
+
+
 # -- Note (rotate the weight or the activations) ----------------------------------------------
 # out < tokens: a right pre chain of structured conditioners runs on W (out × in) when the
 # input needs no gradient, on the activations (tokens × in) when it does

@@ -176,7 +176,7 @@ def _fold_right(chain: list[Conditioner], weight: Tensor, h: Tensor) -> list[_St
     terms: list[_Step] = []
     for i, (u, v) in enumerate(factors):  # type: ignore[misc]
         rows = _rows_times(v.mT.to(h.dtype), [(c, None) for c in chain[i + 1:]])
-        terms.append(_LowRank(h, rows, F.linear(u.mT.to(weight.dtype), weight)))
+        terms.append(_LowRank(h, rows, F.linear(u.mT.to(weight.dtype).contiguous(), weight)))
     return terms
 
 
@@ -277,7 +277,7 @@ def _merge_low_rank(terms: list[_LowRank]) -> tuple[Tensor, Tensor] | None:
         x = group[0].input
         x = x.reshape(-1, x.shape[-1])
         left = torch.cat([g.left for g in group]) if len(group) > 1 else group[0].left
-        ts.append(F.linear(x, left.to(x.dtype)))
+        ts.append(F.linear(x, left.to(x.dtype).contiguous()))  # Note (thin GEMMs)
         rights.extend(g.right for g in group)
     t = torch.cat(ts, dim=-1) if len(ts) > 1 else ts[0]
     right = torch.cat(rights) if len(rights) > 1 else rights[0]
