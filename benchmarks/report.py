@@ -91,7 +91,7 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
         else:
             verdict = (f"{(target - floor) * 1e3:.1f} ms above the floor for the rotation, its "
                        f"Cayley maps and AdamW")
-        if kernels:
+        if kernels and target >= floor:  # where the GEMMs alone do not decide it
             form = min(kernels, key=kernels.get)
             least = kernels[form]
             verdict += (
@@ -154,7 +154,8 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
                   "optimizer, no adapter) over the same reference; an input-side rotation such "
                   "as OFT needs both GEMMs, so it cannot go below this ratio. *kernels*: the "
                   "block rotation's own kernels with the blocks fixed (no Cayley map, no "
-                  "optimizer step), the cheaper of its weight and activation forms.", ""]
+                  "optimizer step), the cheaper of its weight and activation forms. Both are "
+                  "timed like the candidates, with the same noise.", ""]
         lines += _floor_notes(res)
         like = [(shape, a, b, what, e[a]["time_s"]["median"] / e[b]["time_s"]["median"])
                 for shape, e in res.get("layer", {}).items() for a, b, what in COMPARISONS
