@@ -51,6 +51,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 KERNELS = ("kernels_block_b32_weight", "kernels_block_b32_activations")
 
 
+def _kernel_times(entry: dict[str, Any]) -> dict[str, float]:
+    """Median step time of each block kernel floor this run measured."""
+    return {k: entry[k]["time_s"]["median"] for k in KERNELS if k in entry}
+
+
 def _floors(entry: dict[str, Any], reference: str, bound: float) -> dict[str, Any]:
     """The block target's floors as ratios to ``reference``: the GEMMs alone, and the
     rotation's own kernels with fixed blocks (the cheaper form); ``out_of_reach`` names the
@@ -59,9 +64,9 @@ def _floors(entry: dict[str, Any], reference: str, bound: float) -> dict[str, An
     found: dict[str, Any] = {}
     if "floor_fwd_input_grad" in entry:
         found["floor_ratio"] = entry["floor_fwd_input_grad"]["time_s"]["median"] / ref
-    kernels = [entry[k]["time_s"]["median"] for k in KERNELS if k in entry]
+    kernels = _kernel_times(entry)
     if kernels:
-        found["kernel_floor_ratio"] = min(kernels) / ref
+        found["kernel_floor_ratio"] = min(kernels.values()) / ref
     for key, why in (("floor_ratio", "the GEMMs alone"),
                      ("kernel_floor_ratio", "the rotation's kernels with fixed blocks")):
         if found.get(key, 0.0) > bound:
@@ -85,7 +90,7 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
         rows = min(tokens, out_f)  # ours rotates W's rows when out < tokens (x needs no grad)
         rotation = 2 * 2 * rows * in_f * 32 / 1e9
         target = 0.9 * peft
-        kernels = {k: entry[k]["time_s"]["median"] for k in KERNELS if k in entry}
+        kernels = _kernel_times(entry)
         if target < floor:
             verdict = "below the floor: out of reach"
         else:
