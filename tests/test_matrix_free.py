@@ -279,3 +279,64 @@ def test_inexact_block_maps_do_not_fuse() -> None:
         assert record.largest[0] >= W_TOKENS * W_IN  # the activations were rotated
         with wc.dense_forward(layer):
             torch.testing.assert_close(y, layer(x))
+
+
+# -- the layer as one autograd node (Note (one node for the layer) in placement.py) -------------
+
+NODE_IN, NODE_OUT = 5, 4
+
+
+@pytest.mark.parametrize("tokens", [3, 9])  # fewer and more tokens than inputs: g ⊙ d or D W
+@pytest.mark.parametrize("diag, terms, vector, bias", [
+    (False, True, False, True), (False, True, True, False), (True, True, False, False),
+    (True, True, True, False), (True, False, True, False), (True, False, False, False)])
+def test_layer_node_gradients(tokens: int, diag: bool, terms: bool, vector: bool,
+                              bias: bool) -> None:
+    """Every gradient of ``(x Wᵀ) ⊙ d + (x Lᵀ) R + v (+ b)``, the frozen weight's too,
+    against finite differences in float64."""
+    from weightcond.placement import _LinearNode
+
+    g = torch.Generator().manual_seed(tokens)
+
+    def arg(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    args = (arg(tokens, NODE_IN), arg(NODE_OUT, NODE_IN), arg(NODE_OUT) if bias else None,
+            arg(NODE_OUT) if diag else None, arg(2, NODE_IN) if terms else None,
+            arg(2, NODE_OUT) if terms else None, arg(NODE_OUT) if vector else None)
+    assert torch.autograd.gradcheck(_LinearNode.apply, args)
+
+
+@pytest.mark.parametrize("tokens", [3, 24])
+@pytest.mark.parametrize("preset, options", [
+    ("lora", {}), ("pre_diag", {}), ("sora", {"rotation_rank": 1}),
+    ("sora", {"rotation_rank": 1, "condition_bias": True})], ids=lambda c: str(c))
+def test_presets_run_as_one_node_with_the_step_list_bits(monkeypatch, preset: str, options,
+                                                         tokens: int) -> None:
+    """LoRA, Pre-Diag and SORA (its rotation folded) run their layer as one node, whose
+    forward gives the bits of the step list (:func:`weightcond.placement._run`) and whose
+    gradients equal its gradients."""
+    import weightcond.placement as placement
+
+    results = {}
+    for node in (True, False):
+        torch.manual_seed(0)
+        layer = make_layer(8, 6, dtype=torch.float64)
+        wc.apply_preset(layer, preset, rank=2, **options)
+        randomize(layer)
+        if not node:
+            monkeypatch.setattr(placement, "_one_node", lambda *args: None)
+        x = torch.randn(tokens, 6, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        producer = y.grad_fn.next_functions[0][0]  # under the output's reshape
+        assert ("_LinearNode" in type(producer).__name__) == node, producer
+        params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad(y, params, torch.randn_like(y))
+        results[node] = (y, grads)
+        with torch.no_grad():
+            y32 = layer.float()(x.float())
+        results[node] += (y32,)
+    (y, grads, y32), (y_list, grads_list, y32_list) = results[True], results[False]
+    assert torch.equal(y, y_list) and torch.equal(y32, y32_list)
+    for a, b in zip(grads, grads_list):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

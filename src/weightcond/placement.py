@@ -127,6 +127,9 @@ def _detached(conditioner: Conditioner) -> contextlib.AbstractContextManager[Non
 # (tokens × out) temporaries, so the output side is run as a list of steps in which a
 # diagonal is kept pending until the next step that needs it, and additions are fused:
 # diag then add -> addcmul, low-rank add -> addmm, low-rank add then bias -> one addmm.
+# When the steps are diagonals and then additions of terms on the GEMM's own input (LoRA,
+# Pre-Diag, SORA with its rotation folded), the GEMM and the steps are one autograd node
+# (Note (one node for the layer) in _LinearNode).
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,22 @@ def _rows_times(rows: Tensor, items: list[tuple[Conditioner, Tensor | None]]) ->
     return rows
 
 
+def _diagonal_grad(grad: Tensor, y: Tensor, d: Tensor) -> Tensor:
+    """The gradient of ``d`` in ``y ⊙ d``: ``Σ_tokens grad ⊙ y``, reduced over token chunks
+    (Note (diagonal gradient memory)), in ``d``'s dtype."""
+    accumulate = compute_dtype(d.dtype)
+    if torch.compiler.is_compiling():
+        # the compiler fuses the product into the reduction (no temporary), and a
+        # Python loop over the tokens would specialize the graph on their count
+        return (grad * y).sum(0, dtype=accumulate).to(d.dtype)
+    grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
+    chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
+    for start in range(0, grad.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
+    return grad_d.to(d.dtype)
+
+
 class _ScaleAdd(torch.autograd.Function):
     """``y ⊙ d + addend`` (``d`` a vector over the last dimension, ``addend`` optional).
 
@@ -237,20 +256,7 @@ class _ScaleAdd(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         y, d = ctx.saved_tensors
         grad_y = grad * d if ctx.needs_input_grad[0] else None
-        grad_d = None
-        if ctx.needs_input_grad[1]:
-            accumulate = compute_dtype(d.dtype)
-            if torch.compiler.is_compiling():
-                # the compiler fuses the product into the reduction (no temporary), and a
-                # Python loop over the tokens would specialize the graph on their count
-                grad_d = (grad * y).sum(0, dtype=accumulate)
-            else:
-                grad_d = torch.zeros(d.shape, dtype=accumulate, device=d.device)
-                chunk = max(1, 2**18 // max(d.numel(), 1))  # rows per 1 MiB (fp32) temporary
-                for start in range(0, grad.shape[0], chunk):
-                    rows = slice(start, start + chunk)
-                    grad_d += (grad[rows] * y[rows]).sum(0, dtype=accumulate)
-            grad_d = grad_d.to(d.dtype)
+        grad_d = _diagonal_grad(grad, y, d) if ctx.needs_input_grad[1] else None
         grad_addend = None
         if ctx.needs_input_grad[2]:
             grad_addend = grad.sum_to_size(ctx.addend_shape)
@@ -276,12 +282,113 @@ def _merge_low_rank(terms: list[_LowRank]) -> tuple[Tensor, Tensor] | None:
     for group in groups:
         x = group[0].input
         x = x.reshape(-1, x.shape[-1])
-        left = torch.cat([g.left for g in group]) if len(group) > 1 else group[0].left
-        ts.append(F.linear(x, left.to(x.dtype).contiguous()))  # Note (thin GEMMs)
+        ts.append(F.linear(x, _stacked([g.left for g in group], x.dtype)))
         rights.extend(g.right for g in group)
     t = torch.cat(ts, dim=-1) if len(ts) > 1 else ts[0]
-    right = torch.cat(rights) if len(rights) > 1 else rights[0]
-    return t, right.to(t.dtype).contiguous()
+    return t, _stacked(rights, t.dtype)
+
+
+def _stacked(factors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The thin factors one above the other, contiguous (Note (thin GEMMs))."""
+    stacked = torch.cat(factors) if len(factors) > 1 else factors[0]
+    return stacked.to(dtype).contiguous()
+
+
+def _vector_sum(run: list[_Step], dtype: torch.dtype) -> Tensor | None:
+    """The sum of the vectors the :class:`_Add` steps of ``run`` add (``None`` without)."""
+    vectors = [a.vector.to(dtype) for a in run if isinstance(a, _Add)]
+    return sum(vectors[1:], vectors[0]) if vectors else None
+
+
+class _LinearNode(torch.autograd.Function):
+    """``(x Wᵀ) ⊙ d + (x Lᵀ) R + v`` as one autograd node (``d``, the low-rank pair and ``v``
+    optional; ``b``, a bias fused into the GEMM, only without ``d``).
+
+    Note (one node for the layer): the forward runs the same operations as the step list
+    (:func:`_run`), in the same order and on the same buffers, so it gives the same bits. The
+    backward differs from autograd's for the separate nodes in two ways. The input's gradient
+    is one buffer: ``g (D W)`` (or ``(g ⊙ d) W``), then ``+= (g Rᵀ) L`` in place, instead of
+    two ``(tokens, in)`` gradients and their sum. And with ``d`` and fewer input features than
+    tokens, ``D W`` (``out × in``, smaller than the ``(tokens, out)`` gradient) is formed
+    instead of ``g ⊙ d``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, d: Tensor | None,
+                left: Tensor | None, right: Tensor | None, vector: Tensor | None) -> Tensor:
+        t = None if left is None else F.linear(x, left)
+        base = None
+        if d is None:
+            y = F.linear(x, weight, bias)
+            if t is not None:
+                y.addmm_(t, right)
+            if vector is not None:
+                y.add_(vector)
+        else:
+            base = F.linear(x, weight)
+            if t is not None:
+                y = t @ right if vector is None else torch.addmm(vector, t, right)
+                y.addcmul_(base, d)
+            else:
+                y = base * d if vector is None else torch.addcmul(vector, base, d)
+        ctx.save_for_backward(x, weight, d, left, right, t,
+                              base if ctx.needs_input_grad[3] else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, d, left, right, t, base = ctx.saved_tensors
+        need_x, need_w, need_b, need_d, need_l, need_r, need_v = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_d = grad_l = grad_r = grad_v = None
+        if need_d:
+            grad_d = _diagonal_grad(grad, base, d)
+        grad_t = grad.mm(right.mT) if t is not None and (need_x or need_l) else None
+        if need_r:
+            grad_r = t.mT.mm(grad)
+        if need_l:
+            grad_l = grad_t.mT.mm(x)
+        scaled = None  # g ⊙ d, only if needed
+        if need_x:
+            if d is None:
+                grad_x = grad.mm(weight)
+            elif x.shape[-1] < x.shape[0]:  # D W is smaller than g ⊙ d
+                grad_x = grad.mm(d[:, None] * weight)
+            else:
+                scaled = grad * d
+                grad_x = scaled.mm(weight)
+            if grad_t is not None:
+                grad_x.addmm_(grad_t, left)
+        if need_w:
+            if d is not None and scaled is None:
+                scaled = grad * d
+            grad_w = (grad if d is None else scaled).mT.mm(x)
+        if need_b:
+            grad_b = grad.sum(0)
+        if need_v:
+            grad_v = grad.sum(0)
+        return grad_x, grad_w, grad_b, grad_d, grad_l, grad_r, grad_v
+
+
+def _one_node(steps: list[_Step], source: Tensor, x: Tensor, weight: Tensor,
+              bias: Tensor | None) -> Tensor | None:
+    """The output side as one :class:`_LinearNode` (``x`` the 2-D ``source``), when it is
+    diagonals and then additions of terms on ``source`` (LoRA, Pre-Diag, SORA with its rotation
+    folded); ``None`` otherwise, and under autocast (whose casts the separate nodes record)."""
+    if not steps or torch.is_autocast_enabled(x.device.type):
+        return None
+    i, d = 0, None
+    while i < len(steps) and isinstance(steps[i], _Scale):
+        diag = steps[i].diag.to(x.dtype)  # type: ignore[union-attr]
+        d = diag if d is None else d * diag
+        i += 1
+    run = steps[i:]
+    if not all((isinstance(s, _LowRank) and s.input is source) or isinstance(s, _Add)
+               for s in run) or (d is not None and bias is not None):
+        return None
+    terms = [s for s in run if isinstance(s, _LowRank)]
+    left = _stacked([s.left for s in terms], x.dtype) if terms else None
+    right = _stacked([s.right for s in terms], x.dtype) if terms else None
+    return _LinearNode.apply(x, weight, bias, d, left, right, _vector_sum(run, x.dtype))
 
 
 def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Tensor:
@@ -320,8 +427,7 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
         while j < len(steps) and isinstance(steps[j], (_LowRank, _Add)):
             j += 1
         run = steps[i:j]
-        vectors = [a.vector.to(y.dtype) for a in run if isinstance(a, _Add)]
-        vector = sum(vectors[1:], vectors[0]) if vectors else None
+        vector = _vector_sum(run, y.dtype)
         low_rank = _merge_low_rank([a for a in run if isinstance(a, _LowRank)])
         if pending is None:
             if low_rank is not None:
@@ -343,6 +449,11 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
         i = j
     if pending is not None:
         y = _ScaleAdd.apply(y, pending, None)
+    return _output(y, lead)
+
+
+def _output(y: Tensor, lead: torch.Size) -> Tensor:
+    """The 2-D ``(tokens, out)`` result with the input's leading dimensions."""
     # Note (no view out): like nn.Linear, return a tensor that is not an autograd view of the
     # 2-D temporary. FSDP2 hooks a sharded module's output for its pre-backward all-gather;
     # an in-place op on a view output (`out += residual`) would drop that hook (FSDP2 warns).
@@ -480,8 +591,13 @@ class Conditioning(nn.Module):
             return F.linear(flat, weight, b) if fused is None else \
                 fused.rotated_linear(flat, weight, b)
 
+        def finish(chain: list[_Step], b: Tensor | None) -> Tensor:
+            node = None if fused is not None else _one_node(chain, h_pre, flat, weight, b)
+            return _output(node, lead) if node is not None else \
+                _run(lambda: linear(b), chain, lead)
+
         if not any(c.is_left for c in conditioners):  # nothing acts on the output: fuse the bias
-            return _run(lambda: linear(bias), [*folded_terms, *update], lead)
+            return finish([*folded_terms, *update], bias)
         left_pre = [(c, d) for c, d in pre if c.is_left]
         left_post = [(c, d) for c, d in post if c.is_left]
 
@@ -521,7 +637,7 @@ class Conditioning(nn.Module):
         bias = self._condition_bias(bias, items)
         if bias is not None:
             chain.append(_Add(bias))
-        return _run(lambda: linear(None), chain, lead)
+        return finish(chain, None)
 
     def _update_terms(self, h: Tensor) -> list[_LowRank]:
         if self.update is None:
