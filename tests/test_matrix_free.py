@@ -287,13 +287,16 @@ NODE_IN, NODE_OUT = 5, 4
 
 
 @pytest.mark.parametrize("tokens", [3, 9])  # fewer and more tokens than inputs: g ⊙ d or D W
-@pytest.mark.parametrize("diag, terms, vector, bias", [
-    (False, True, False, True), (False, True, True, False), (True, True, False, False),
-    (True, True, True, False), (True, False, True, False), (True, False, False, False)])
+@pytest.mark.parametrize("diag, terms, vector, bias, post", [
+    (False, True, False, True, False), (False, True, True, False, False),
+    (True, True, False, False, False), (True, True, True, False, False),
+    (True, False, True, False, False), (True, False, False, False, False),
+    (True, True, False, False, True), (True, True, True, False, True)])
 def test_layer_node_gradients(tokens: int, diag: bool, terms: bool, vector: bool,
-                              bias: bool) -> None:
-    """Every gradient of ``(x Wᵀ) ⊙ d + (x Lᵀ) R + v (+ b)``, the frozen weight's too,
-    against finite differences in float64."""
+                              bias: bool, post: bool) -> None:
+    """Every gradient of ``(x Wᵀ) ⊙ d + (x Lᵀ) R + v (+ b)`` and, with ``post``, of
+    ``((x Wᵀ) + (x Lᵀ) R) ⊙ d + v``, the frozen weight's too, against finite differences in
+    float64."""
     from weightcond.placement import _LinearNode
 
     g = torch.Generator().manual_seed(tokens)
@@ -303,17 +306,18 @@ def test_layer_node_gradients(tokens: int, diag: bool, terms: bool, vector: bool
 
     args = (arg(tokens, NODE_IN), arg(NODE_OUT, NODE_IN), arg(NODE_OUT) if bias else None,
             arg(NODE_OUT) if diag else None, arg(2, NODE_IN) if terms else None,
-            arg(2, NODE_OUT) if terms else None, arg(NODE_OUT) if vector else None)
+            arg(2, NODE_OUT) if terms else None, arg(NODE_OUT) if vector else None, post)
     assert torch.autograd.gradcheck(_LinearNode.apply, args)
 
 
 @pytest.mark.parametrize("tokens", [3, 24])
 @pytest.mark.parametrize("preset, options", [
     ("lora", {}), ("pre_diag", {}), ("sora", {"rotation_rank": 1}),
-    ("sora", {"rotation_rank": 1, "condition_bias": True})], ids=lambda c: str(c))
+    ("sora", {"rotation_rank": 1, "condition_bias": True}), ("dora", {}),
+    ("dora", {"detach_norm": False})], ids=lambda c: str(c))
 def test_presets_run_as_one_node_with_the_step_list_bits(monkeypatch, preset: str, options,
                                                          tokens: int) -> None:
-    """LoRA, Pre-Diag and SORA (its rotation folded) run their layer as one node, whose
+    """LoRA, Pre-Diag, SORA (its rotation folded) and DoRA run their layer as one node, whose
     forward gives the bits of the step list (:func:`weightcond.placement._run`) and whose
     gradients equal its gradients."""
     import weightcond.placement as placement

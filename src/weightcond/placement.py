@@ -301,94 +301,119 @@ def _vector_sum(run: list[_Step], dtype: torch.dtype) -> Tensor | None:
 
 
 class _LinearNode(torch.autograd.Function):
-    """``(x Wᵀ) ⊙ d + (x Lᵀ) R + v`` as one autograd node (``d``, the low-rank pair and ``v``
-    optional; ``b``, a bias fused into the GEMM, only without ``d``).
+    """One autograd node for ``(x Wᵀ) ⊙ d + (x Lᵀ) R + v`` or, with ``post``,
+    ``((x Wᵀ) + (x Lᵀ) R) ⊙ d + v`` (``d``, the low-rank pair and ``v`` optional; ``b``, a
+    bias fused into the GEMM, only without ``d``).
 
     Note (one node for the layer): the forward runs the same operations as the step list
     (:func:`_run`), in the same order and on the same buffers, so it gives the same bits. The
     backward differs from autograd's for the separate nodes in two ways. The input's gradient
-    is one buffer: ``g (D W)`` (or ``(g ⊙ d) W``), then ``+= (g Rᵀ) L`` in place, instead of
-    two ``(tokens, in)`` gradients and their sum. And with ``d`` and fewer input features than
-    tokens, ``D W`` (``out × in``, smaller than the ``(tokens, out)`` gradient) is formed
-    instead of ``g ⊙ d``.
+    is one buffer, ``g (D W)`` (or ``(g ⊙ d) W``) and then ``+= (g Rᵀ) L`` in place, instead
+    of two ``(tokens, in)`` gradients and their sum. And ``D W`` (``out × in``) is formed
+    instead of ``g ⊙ d`` when it is the smaller (fewer input features than tokens); with
+    ``post``, ``d`` scales the thin factor ``R`` instead of the gradient as well.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, d: Tensor | None,
-                left: Tensor | None, right: Tensor | None, vector: Tensor | None) -> Tensor:
+                left: Tensor | None, right: Tensor | None, vector: Tensor | None,
+                post: bool) -> Tensor:
         t = None if left is None else F.linear(x, left)
-        base = None
-        if d is None:
+        if d is None or post:
             y = F.linear(x, weight, bias)
             if t is not None:
                 y.addmm_(t, right)
-            if vector is not None:
-                y.add_(vector)
+            if d is None:
+                scaled = None
+                if vector is not None:
+                    y.add_(vector)
+            else:  # d multiplies the sum
+                scaled = y
+                y = y * d if vector is None else torch.addcmul(vector, y, d)
         else:
-            base = F.linear(x, weight)
+            scaled = F.linear(x, weight)
             if t is not None:
                 y = t @ right if vector is None else torch.addmm(vector, t, right)
-                y.addcmul_(base, d)
+                y.addcmul_(scaled, d)
             else:
-                y = base * d if vector is None else torch.addcmul(vector, base, d)
+                y = scaled * d if vector is None else torch.addcmul(vector, scaled, d)
+        ctx.post = post
         ctx.save_for_backward(x, weight, d, left, right, t,
-                              base if ctx.needs_input_grad[3] else None)
+                              scaled if ctx.needs_input_grad[3] else None)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, d, left, right, t, base = ctx.saved_tensors
-        need_x, need_w, need_b, need_d, need_l, need_r, need_v = ctx.needs_input_grad
+        x, weight, d, left, right, t, scaled = ctx.saved_tensors
+        need_x, need_w, need_b, need_d, need_l, need_r, need_v = ctx.needs_input_grad[:7]
+        on_terms = d if ctx.post else None  # the diagonal the low-rank terms pass through
         grad_x = grad_w = grad_b = grad_d = grad_l = grad_r = grad_v = None
         if need_d:
-            grad_d = _diagonal_grad(grad, base, d)
-        grad_t = grad.mm(right.mT) if t is not None and (need_x or need_l) else None
+            grad_d = _diagonal_grad(grad, scaled, d)
+        if t is not None and (need_x or need_l):
+            grad_t = grad.mm((right if on_terms is None else right * on_terms).mT)
         if need_r:
             grad_r = t.mT.mm(grad)
+            if on_terms is not None:
+                grad_r = grad_r * on_terms
         if need_l:
             grad_l = grad_t.mT.mm(x)
-        scaled = None  # g ⊙ d, only if needed
+        grad_times_d = None  # g ⊙ d, only if needed
         if need_x:
             if d is None:
                 grad_x = grad.mm(weight)
             elif x.shape[-1] < x.shape[0]:  # D W is smaller than g ⊙ d
                 grad_x = grad.mm(d[:, None] * weight)
             else:
-                scaled = grad * d
-                grad_x = scaled.mm(weight)
-            if grad_t is not None:
+                grad_times_d = grad * d
+                grad_x = grad_times_d.mm(weight)
+            if t is not None:
                 grad_x.addmm_(grad_t, left)
         if need_w:
-            if d is not None and scaled is None:
-                scaled = grad * d
-            grad_w = (grad if d is None else scaled).mT.mm(x)
+            if d is not None and grad_times_d is None:
+                grad_times_d = grad * d
+            grad_w = (grad if d is None else grad_times_d).mT.mm(x)
         if need_b:
             grad_b = grad.sum(0)
         if need_v:
             grad_v = grad.sum(0)
-        return grad_x, grad_w, grad_b, grad_d, grad_l, grad_r, grad_v
+        return grad_x, grad_w, grad_b, grad_d, grad_l, grad_r, grad_v, None
 
 
 def _one_node(steps: list[_Step], source: Tensor, x: Tensor, weight: Tensor,
               bias: Tensor | None) -> Tensor | None:
-    """The output side as one :class:`_LinearNode` (``x`` the 2-D ``source``), when it is
-    diagonals and then additions of terms on ``source`` (LoRA, Pre-Diag, SORA with its rotation
-    folded); ``None`` otherwise, and under autocast (whose casts the separate nodes record)."""
+    """The output side as one :class:`_LinearNode` (``x`` the 2-D ``source``) when it is
+    diagonals and then additions of terms on ``source`` (LoRA, Pre-Diag, SORA with its
+    rotation folded), or terms on ``source``, diagonals and then vectors (DoRA); ``None``
+    otherwise, and under autocast (whose casts the separate nodes record)."""
     if not steps or torch.is_autocast_enabled(x.device.type):
         return None
-    i, d = 0, None
-    while i < len(steps) and isinstance(steps[i], _Scale):
-        diag = steps[i].diag.to(x.dtype)  # type: ignore[union-attr]
-        d = diag if d is None else d * diag
-        i += 1
-    run = steps[i:]
+
+    def of_type(kind: type, i: int) -> int:  # the end of the run of `kind` steps from i
+        while i < len(steps) and isinstance(steps[i], kind):
+            i += 1
+        return i
+
+    first, terms_end = of_type(_Scale, 0), of_type(_LowRank, 0)
+    scales_end = of_type(_Scale, terms_end)
+    post = first == 0 and scales_end > terms_end
+    if post:  # terms, diagonals, vectors
+        scales, run, tail = steps[terms_end:scales_end], steps[:terms_end], steps[scales_end:]
+    else:  # diagonals, then terms and vectors
+        scales, run, tail = steps[:first], steps[first:], []
     if not all((isinstance(s, _LowRank) and s.input is source) or isinstance(s, _Add)
-               for s in run) or (d is not None and bias is not None):
+               for s in run) or not all(isinstance(s, _Add) for s in tail) or \
+            (scales and bias is not None):
         return None
+    d = None
+    for step in scales:
+        diag = step.diag.to(x.dtype)  # type: ignore[union-attr]
+        d = diag if d is None else d * diag
     terms = [s for s in run if isinstance(s, _LowRank)]
     left = _stacked([s.left for s in terms], x.dtype) if terms else None
     right = _stacked([s.right for s in terms], x.dtype) if terms else None
-    return _LinearNode.apply(x, weight, bias, d, left, right, _vector_sum(run, x.dtype))
+    return _LinearNode.apply(x, weight, bias, d, left, right,
+                             _vector_sum([*run, *tail], x.dtype), post)
 
 
 def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Tensor:
