@@ -122,6 +122,17 @@ def _detached(conditioner: Conditioner) -> contextlib.AbstractContextManager[Non
     return torch.no_grad() if conditioner.transform.detach_norm else contextlib.nullcontext()
 
 
+def _functorch() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) is running.
+
+    Note (torch.func): the layer's own autograd Functions (:class:`_LinearNode`,
+    :class:`_ScaleAdd`, the fused block) have backward passes of their own, which
+    ``torch.func`` cannot transform (``autograd.Function`` refuses them there); under such a
+    transform the same forward runs on PyTorch's operators instead, whose derivatives it
+    knows: the same values, without the fused backward passes."""
+    return torch._C._are_functorch_transforms_active()
+
+
 # -- the output side of the activation form as a short list of steps ---------------------------
 # Note (fused output steps): on CPU the cost of the fast path beyond LoRA is mostly the
 # (tokens × out) temporaries, so the output side is run as a list of steps in which a
@@ -198,7 +209,7 @@ def _fused(right_pre: list[tuple[Conditioner, Tensor | None]], x: Tensor, tokens
     if len(right_pre) != 1 or right_pre[0][1] is not None:
         return None
     transform = right_pre[0][0].transform
-    if not transform.fuses_linear:
+    if not transform.fuses_linear or _functorch():
         return None
     limit = 2 * tokens if x.requires_grad else tokens
     return transform if out_features < limit else None
@@ -261,6 +272,15 @@ class _ScaleAdd(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_addend = grad.sum_to_size(ctx.addend_shape)
         return grad_y, grad_d, grad_addend, None
+
+
+def _scale_add(y: Tensor, d: Tensor, addend: Tensor | None = None,
+               in_place: bool = False) -> Tensor:
+    """``y ⊙ d + addend`` by :class:`_ScaleAdd`, or by PyTorch's operators (out of place)
+    under ``torch.func`` (Note (torch.func))."""
+    if not _functorch():
+        return _ScaleAdd.apply(y, d, addend, in_place)
+    return y * d if addend is None else torch.addcmul(addend, y, d)
 
 
 def _merge_low_rank(terms: list[_LowRank]) -> tuple[Tensor, Tensor] | None:
@@ -385,8 +405,9 @@ def _one_node(steps: list[_Step], source: Tensor, x: Tensor, weight: Tensor,
     """The output side as one :class:`_LinearNode` (``x`` the 2-D ``source``) when it is
     diagonals and then additions of terms on ``source`` (LoRA, Pre-Diag, SORA with its
     rotation folded), or terms on ``source``, diagonals and then vectors (DoRA); ``None``
-    otherwise, and under autocast (whose casts the separate nodes record)."""
-    if not steps or torch.is_autocast_enabled(x.device.type):
+    otherwise, under autocast (whose casts the separate nodes record) and under ``torch.func``
+    (Note (torch.func))."""
+    if not steps or torch.is_autocast_enabled(x.device.type) or _functorch():
         return None
 
     def of_type(kind: type, i: int) -> int:  # the end of the run of `kind` steps from i
@@ -432,7 +453,10 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
     autograd view (an in-place op on a view records a ``CopySlices`` node that copies the
     whole gradient)."""
     y = base()
-    owned = True  # y may be updated in place (see the Note)
+    # y may be updated in place (see the Note); not under torch.func, whose vmap has no
+    # batching rule for most in-place products
+    may_own = not _functorch()
+    owned = may_own
     pending: Tensor | None = None
     i = 0
     while i < len(steps):
@@ -444,7 +468,7 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
             continue
         if isinstance(step, _Apply):
             if pending is not None:
-                y, pending = _ScaleAdd.apply(y, pending, None), None
+                y, pending = _scale_add(y, pending), None
             y, owned = step.conditioner.transform.apply(y), False
             i += 1
             continue
@@ -458,22 +482,23 @@ def _run(base: Callable[[], Tensor], steps: list[_Step], lead: torch.Size) -> Te
             if low_rank is not None:
                 y = y.addmm_(*low_rank) if owned else torch.addmm(y, *low_rank)
             if vector is not None:
-                y = y.add_(vector) if owned or low_rank is not None else y + vector
+                y = y.add_(vector) if owned or (low_rank is not None and may_own) else \
+                    y + vector
         else:
             if low_rank is None:
-                y = _ScaleAdd.apply(y, pending, vector)
+                y = _scale_add(y, pending, vector)
             else:
                 addend = low_rank[0] @ low_rank[1] if vector is None else \
                     torch.addmm(vector, *low_rank)
                 # (neither dynamo nor the JIT tracer takes mark_dirty on a Function input;
                 # the compiler fuses the sum anyway)
                 in_place = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-                y = _ScaleAdd.apply(y, pending, addend, in_place)
+                y = _scale_add(y, pending, addend, in_place)
             pending = None
-        owned = True
+        owned = may_own
         i = j
     if pending is not None:
-        y = _ScaleAdd.apply(y, pending, None)
+        y = _scale_add(y, pending)
     return _output(y, lead)
 
 
