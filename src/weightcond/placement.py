@@ -139,8 +139,8 @@ def _functorch() -> bool:
 # diagonal is kept pending until the next step that needs it, and additions are fused:
 # diag then add -> addcmul, low-rank add -> addmm, low-rank add then bias -> one addmm.
 # When the steps are diagonals and then additions of terms on the GEMM's own input (LoRA,
-# Pre-Diag, SORA with its rotation folded), the GEMM and the steps are one autograd node
-# (Note (one node for the layer) in _LinearNode).
+# Pre-Diag, SORA with its rotation folded), or those terms and then diagonals (DoRA), the
+# GEMM and the steps are one autograd node (Note (one node for the layer) in _LinearNode).
 
 
 @dataclass(frozen=True)
