@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,6 +10,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module(name: str):
+    """A module of ``benchmarks/`` (a folder of scripts, not a package), imported by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_quick_benchmark_runs_every_level(tmp_path: Path) -> None:
@@ -35,11 +45,7 @@ def test_quick_benchmark_runs_every_level(tmp_path: Path) -> None:
 def test_block_kernel_floors_compute_the_rotation_and_its_gradient() -> None:
     """The two kernel floors run the whole rotation: the same output and blocks' gradient as
     the dense ``x (W R)ᵀ + b``, in float64."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import layer
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    layer = _bench_module("layer")
     import torch
 
     torch.manual_seed(0)
@@ -58,15 +64,6 @@ def test_block_kernel_floors_compute_the_rotation_and_its_gradient() -> None:
         assert floor.blocks.grad.abs().sum() > 0
 
 
-def _report_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return report
-
-
 def _block_entry(**ms: float) -> dict:
     names = {"ours": "block_b32", "peft": "peft_oft_b32", "floor": "floor_fwd_input_grad",
              "kernels": "kernels_block_b32_weight"}
@@ -76,7 +73,7 @@ def _block_entry(**ms: float) -> dict:
 def test_block_floor_notes_account_for_the_margin_above_the_floor() -> None:
     """RESULTS.md's block notes: between the floor and the kernels, the FLOPs at the GEMMs'
     rate against what the kernels add; below the floor, no kernel accounting."""
-    report = _report_module()
+    report = _bench_module("report")
     env = {"environment": {"settings": {"tokens": 2048}}}
     kernels_above = report._floor_notes(
         {**env, "layer": {"1024x1024": _block_entry(ours=54.0, peft=56.4, floor=49.2,
