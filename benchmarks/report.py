@@ -103,21 +103,21 @@ def _floor_notes(res: dict[str, Any]) -> list[str]:
                 f". The rotation's own kernels with the blocks fixed (no Cayley map, no "
                 f"optimizer step), in the cheaper of the weight form and the activation form "
                 f"({form.rsplit('_', 1)[1]}), take {least * 1e3:.1f} ms = "
-                f"{least / peft:.3f} × PEFT OFT"
-                + (": out of reach with these kernels" if least > target else
-                   f"; ours is {abs(ours - least) * 1e3:.1f} ms "
-                   f"{'above' if ours >= least else 'below'} them"))
+                f"{least / peft:.3f} × PEFT OFT")
             if least > target:  # within physical reach, not with these kernels: by how much
                 rate = gemm / floor
                 verdict += (
-                    f". At the floor's GEMM rate ({rate:.0f} GFLOP/s) the rotation's "
-                    f"{rotation:.2f} GFLOP would take {rotation / rate * 1e3:.2f} ms of those "
-                    f"{(target - floor) * 1e3:.1f} ms; these kernels add "
-                    f"{(least - floor) * 1e3:.1f} ms to the floor, an effective "
+                    f": out of reach with these kernels. At the floor's GEMM rate "
+                    f"({rate:.0f} GFLOP/s) the rotation's {rotation:.2f} GFLOP would take "
+                    f"{rotation / rate * 1e3:.2f} ms of those {(target - floor) * 1e3:.1f} ms; "
+                    f"these kernels add {(least - floor) * 1e3:.1f} ms to the floor, an effective "
                     f"{rotation / (least - floor):.0f} GFLOP/s (their block products, and in the "
                     f"weight form a weight-gradient GEMM slower than the floor's input-gradient "
                     f"GEMM of the same FLOPs). Meeting it needs a kernel that applies the "
                     f"rotation inside the GEMM, which PyTorch's CPU kernels do not offer")
+            else:
+                verdict += (f"; ours is {abs(ours - least) * 1e3:.1f} ms "
+                            f"{'above' if ours >= least else 'below'} them")
         notes.append(
             f"- **{shape}, block (OFT) against PEFT OFT**: any input-side rotation needs the "
             f"forward GEMM and one GEMM whose result reaches the rotation's gradient "
