@@ -39,9 +39,12 @@ def orthogonal_bound(n: int, dtype: torch.dtype) -> float:
 
 
 def exp_bound(n: int, norm: float, dtype: torch.dtype) -> float:
-    """The exponential's bound, ``20 · (n + ‖S‖₂) · eps(dtype)``: scaling and squaring
-    squares ``log2 ‖S‖`` times and every squaring doubles the error of the square."""
-    return 20 * (n + norm) * torch.finfo(dtype).eps
+    """The exponential's bound, ``20 · (n · eps(dtype) + min(‖S‖₂, 2^30) · eps(float64))``:
+    scaling and squaring squares ``log2 ‖S‖`` times and every squaring doubles the error of
+    the square, so the maps run in float64 on generators capped at 2^30 (Note (exp in
+    float64, generators capped at 2^30) in :mod:`weightcond.transforms.maps`)."""
+    return 20 * (n * torch.finfo(dtype).eps
+                 + min(norm, maps.EXP_NORM_CAP) * torch.finfo(torch.float64).eps)
 
 
 def accepting(map_name: str) -> list[str]:
@@ -70,6 +73,8 @@ def test_every_map_has_transforms() -> None:
 
 # -- large generator norms -----------------------------------------------------------------
 SCALES = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)
+# parameters far beyond what training reaches: generator norms up to ~1e60 for `skew`
+HUGE_SCALES = (1e4, 1e6, 1e10, 1e19, 1e30)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -91,6 +96,28 @@ def test_exp_stays_orthogonal_at_moderate_generator_norms(name: str, dtype: torc
         t = build(name, "exp", dtype, scale)
         assert t.is_orthogonal
         assert orthogonality_error(t.matrix()) <= orthogonal_bound(N, dtype), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF], ids=str)
+@pytest.mark.parametrize("name", accepting("exp"))
+def test_exp_stays_finite_and_orthogonal_at_every_generator_norm(name: str, dtype) -> None:
+    """Regression: in float32 ``skew`` with ``map="exp"`` reached ``max|QᵀQ - I|`` = 1e8
+    at parameters ×1e3 (n = 64, k = 2) and NaN from ×1e4 on, as did the dense exp (Note (exp
+    in float64, generators capped at 2^30) in :mod:`weightcond.transforms.maps`)."""
+    n = 64
+    for scale in (*SCALES, *HUGE_SCALES):
+        if dtype == torch.float16 and scale > 1e4:
+            continue  # beyond float16's range
+        t = wc.TRANSFORMS[name](n, map="exp").to(dtype)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for p in t.parameters():  # independent C and D: a generator of full rank 2k
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        q = t.matrix()
+        assert torch.isfinite(q).all(), scale
+        bound = (HALF_BOUND * torch.finfo(dtype).eps if dtype in HALF
+                 else exp_bound(n, math.inf, dtype))
+        assert orthogonality_error(q) <= bound, scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -125,13 +152,13 @@ def random_low_rank(n: int, k: int, norm: float, dtype: torch.dtype, seed: int
     return p.to(dtype), j.to(dtype)
 
 
-NORMS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+NORMS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e5, 1e8, 1e12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_exact_maps_at_large_generator_norms(dtype: torch.dtype) -> None:
-    """Dense and low-rank maps of generators with ``‖S‖₂`` up to 1e3: Cayley within
-    ``10 · n · eps``, exp within ``20 · (n + ‖S‖₂) · eps`` (its error grows with the norm)."""
+    """Dense and low-rank maps of generators with ``‖S‖₂`` up to 1e12: Cayley within
+    ``10 · n · eps``, exp within :func:`exp_bound` (its error grows with the norm)."""
     for norm in NORMS:
         for seed in range(4):
             s = random_skew(N, norm, dtype, seed)
@@ -236,6 +263,53 @@ def test_dora_with_zero_norm_rows_is_finite(dtype: torch.dtype, detach_norm: boo
                 assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer))
         opt.step()
     assert wc.get_update(layer).B.abs().sum() > 0  # the update did move
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF], ids=str)
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("tokens", [4, 64])  # both orientations of the input gradient
+def test_dora_row_zeroed_after_registration_is_finite(dtype, detach_norm: bool,
+                                                      tokens: int) -> None:
+    """Regression (Note (a diagonal that stays finite) in ``magnitude.py``): a row of W
+    zeroed after registration keeps its magnitude (0.5 here) over a norm floored at eps, a
+    diagonal of 5e5, which was inf in float16: NaN outputs, gradients and merged weight."""
+    layer = make_layer(8, 16, dtype=dtype)
+    wc.apply_preset(layer, "dora", rank=2, detach_norm=detach_norm)
+    with torch.no_grad():
+        layer.parametrizations.weight.original[0] = 0
+    x = torch.randn(tokens, 16, dtype=dtype)
+    outputs = []
+    for dense in (False, True):
+        with wc.dense_forward(layer) if dense else contextlib.nullcontext():
+            xr = x.clone().requires_grad_()
+            y = layer(xr)
+            assert torch.equal(y[:, 0], layer.bias[0].expand(tokens)), dense  # the bias
+            (10 * y.float()).sum().backward()  # gradient entries of 10
+            assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
+            assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer)), dense
+            layer.zero_grad()
+            outputs.append(y.detach())
+    budget = 8 * 16 * torch.finfo(dtype).eps * outputs[1].abs().max().item()  # as the grid
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=budget)
+    merged = wc.merge(layer)
+    assert torch.isfinite(merged.weight).all() and not merged.weight[0].any()
+
+
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
+def test_dora_row_zeroed_after_registration_under_autocast(autocast) -> None:
+    """The same with float32 parameters under autocast: the diagonal is limited in the
+    dtype the products run in."""
+    layer = make_layer(8, 16, dtype=torch.float32)
+    wc.apply_preset(layer, "dora", rank=2)
+    with torch.no_grad():
+        layer.parametrizations.weight.original[0] = 0
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=autocast):
+        y = layer(x)
+    assert y.dtype == autocast and torch.isfinite(y).all()
+    (10 * y.float()).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer))
 
 
 def test_dora_under_autocast() -> None:

@@ -123,8 +123,9 @@ class Skew(Transform):
         """
         if 2 * self.rank >= self.dim:
             dtype = compute_dtype(self.C.dtype)
-            x = self.D.to(dtype) @ self.C.to(dtype).mT
-            q = DENSE_MAPS[self.map](self.scale() * (x - x.mT))
+            work = _core_dtype(dtype, self.map)
+            x = self.D.to(work) @ self.C.to(work).mT
+            q = DENSE_MAPS[self.map](self.scale().to(work) * (x - x.mT)).to(dtype)
             eye = torch.eye(self.dim, dtype=dtype, device=q.device)
             return q - eye, eye
         u, v = _low_rank(self.C[None], self.D[None], self._j, self.map, self.temperature)
@@ -159,12 +160,20 @@ def _factors(c: Tensor, d: Tensor, j: Tensor, map: str, temperature: bool
              ) -> tuple[Tensor, Tensor]:
     """:meth:`Skew.factors` for a batch of generators ``c``, ``d``, ``(b, n, k)``."""
     dtype = compute_dtype(c.dtype)
-    p = torch.cat([d, c], dim=-1).to(dtype)
+    work = _core_dtype(dtype, map)
+    p = torch.cat([d, c], dim=-1).to(work)
     with torch.no_grad():
         norms = torch.linalg.vector_norm(p, dim=-2)
         w = torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms))
     p = p * w[..., None, :]
-    k = j.to(dtype) / (w[..., :, None] * w[..., None, :])
+    k = j.to(work) / (w[..., :, None] * w[..., None, :])
     if temperature:
-        k = k * _temperature(c, d)[..., None, None]
-    return p, lowrank_core(k, p.mT @ p, map)
+        k = k * _temperature(c, d).to(work)[..., None, None]
+    return p.to(dtype), lowrank_core(k, p.mT @ p, map).to(dtype)
+
+
+def _core_dtype(dtype: torch.dtype, map: str) -> torch.dtype:
+    """float64 for the exponential (Note (exp in float64, generators capped at 2^30) in
+    :mod:`~weightcond.transforms.maps`): its balanced core :math:`K` holds the squared column
+    norms of :math:`[D, C]`, which overflow float32 from norms of about 1e19 on."""
+    return torch.float64 if map == "exp" else dtype
