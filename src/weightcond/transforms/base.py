@@ -85,6 +85,35 @@ class Transform(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
+        self._constants: dict[str, Tensor] = {}
+
+    def register_constant(self, name: str, value: Tensor) -> None:
+        """Register ``value``, derived from the transform's options alone (indices, signs),
+        as the non-persistent buffer ``name``.
+
+        Note (constants survive meta initialisation): a non-persistent buffer is in no
+        state dict, so a module built on the meta device and materialised with
+        :meth:`~torch.nn.Module.to_empty` (FSDP2, large-model loaders) kept it as
+        uninitialised memory after ``load_state_dict``, and the transform computed garbage
+        or indexed out of range. A constant keeps a CPU copy of its value (``value`` must
+        not be on the meta device) and is written back whenever the module's tensors are
+        converted or materialised (:meth:`~torch.nn.Module._apply`: ``to``, ``to_empty``,
+        ``cuda``, ``half``, ...), except while they are on the meta device.
+        """
+        if value.is_meta:
+            raise StateError(f"{type(self).__name__}.register_constant: argument 'value' "
+                             f"expected a tensor with data, got one on the meta device")
+        self._constants[name] = value.detach().to("cpu", copy=True)
+        self.register_buffer(name, value, persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        for name, value in self.__dict__.get("_constants", {}).items():
+            buffer = self._buffers.get(name)
+            if buffer is not None and not buffer.is_meta:
+                with torch.no_grad():
+                    buffer.copy_(value)
+        return self
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

@@ -18,12 +18,13 @@ from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
 def skew_index(block_size: int) -> Tensor:
     """For each entry of a ``(b, b)`` block, row by row, its position in ``[0, g, -g]`` with
     ``g`` the block's upper triangle (see :func:`skew_blocks`); a module registers it as a
-    buffer."""
-    rows, cols = torch.triu_indices(block_size, block_size, offset=1)
+    constant (:meth:`~weightcond.transforms.Transform.register_constant`)."""
+    cpu = torch.device("cpu")  # whatever the default device (a constant: see register_constant)
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=cpu)
     count = rows.numel()
-    index = torch.zeros(block_size, block_size, dtype=torch.long)
-    index[rows, cols] = torch.arange(1, count + 1)
-    index[cols, rows] = torch.arange(count + 1, 2 * count + 1)
+    index = torch.zeros(block_size, block_size, dtype=torch.long, device=cpu)
+    index[rows, cols] = torch.arange(1, count + 1, device=cpu)
+    index[cols, rows] = torch.arange(count + 1, 2 * count + 1, device=cpu)
     return index.flatten()
 
 
@@ -153,7 +154,7 @@ class Block(Transform):
             "block", map, {"cayley_neumann": partial(cayley_neumann, terms=terms)})
         self.generator = nn.Parameter(
             torch.zeros(1 if share else dim // block_size, block_size * (block_size - 1) // 2))
-        self.register_buffer("_skew_index", skew_index(self.block_size), persistent=False)
+        self.register_constant("_skew_index", skew_index(self.block_size))
 
     @property
     def is_orthogonal(self) -> bool:

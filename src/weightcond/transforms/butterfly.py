@@ -74,10 +74,10 @@ class Butterfly(Transform):
             torch.zeros(factors, dim // block_size, block_size * (block_size - 1) // 2))
         perms = [butterfly_permutation(dim, block_size * 2**i, max(block_size // 2, 1))
                  if factors > 1 else list(range(dim)) for i in range(factors)]
-        perm = torch.tensor(perms)
-        self.register_buffer("_perm", perm, persistent=False)
-        self.register_buffer("_inverse", torch.argsort(perm, dim=-1), persistent=False)
-        self.register_buffer("_skew_index", skew_index(self.block_size), persistent=False)
+        perm = torch.tensor(perms, device="cpu")
+        self.register_constant("_perm", perm)
+        self.register_constant("_inverse", torch.argsort(perm, dim=-1))
+        self.register_constant("_skew_index", skew_index(self.block_size))
 
     @property
     def is_orthogonal(self) -> bool:

@@ -62,11 +62,11 @@ class Givens(Transform):
             sign.append(s)
             slot.append(k)
         self.angles = nn.Parameter(torch.zeros(count))
-        slots = torch.tensor(slot)
-        self.register_buffer("_partner", torch.tensor(partner), persistent=False)
-        self.register_buffer("_sign", torch.tensor(sign), persistent=False)
+        slots = torch.tensor(slot, device="cpu")
+        self.register_constant("_partner", torch.tensor(partner, device="cpu"))
+        self.register_constant("_sign", torch.tensor(sign, device="cpu"))
         # unpaired coordinates read the extra zero angle at index `count`
-        self.register_buffer("_slot", torch.where(slots < 0, count, slots), persistent=False)
+        self.register_constant("_slot", torch.where(slots < 0, count, slots))
 
     @property
     def is_orthogonal(self) -> bool:

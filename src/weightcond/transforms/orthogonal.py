@@ -36,9 +36,12 @@ class Orthogonal(Transform):
     def __init__(self, dim: int, *, map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
         super().__init__(dim)
         self.map = map
-        self.so = geotorch.SO((dim, dim), triv=resolve_dense_map("orthogonal", map))
+        # on the CPU whatever the default device: geotorch draws a random base by a QR
+        # decomposition (which reads values: it fails on the meta device), then replaced by I
+        with torch.device("cpu"):
+            self.so = geotorch.SO((dim, dim), triv=resolve_dense_map("orthogonal", map))
         with torch.no_grad():
-            self.so.base.copy_(torch.eye(dim))
+            self.so.base.copy_(torch.eye(dim, device="cpu"))
         self.generator = nn.Parameter(torch.zeros(dim, dim))
 
     @property

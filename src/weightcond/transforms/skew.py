@@ -66,9 +66,9 @@ class Skew(Transform):
         self.temperature = check_bool("skew", "temperature", temperature)
         self.C = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
         self.D = nn.Parameter(self.C.detach().clone())
-        eye, zero = torch.eye(rank), torch.zeros(rank, rank)
+        eye, zero = torch.eye(rank, device="cpu"), torch.zeros(rank, rank, device="cpu")
         j = torch.cat([torch.cat([zero, eye], 1), torch.cat([-eye, zero], 1)], 0)
-        self.register_buffer("_j", j, persistent=False)  # S = P (t J) Pᵀ, P = [D, C]
+        self.register_constant("_j", j)  # S = P (t J) Pᵀ, P = [D, C]
 
     @property
     def is_orthogonal(self) -> bool:
