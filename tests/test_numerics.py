@@ -531,8 +531,9 @@ if __name__ == "__main__":  # print the measured values recorded in docs/guarant
                     q = torch.eye(N, dtype=dtype) + p @ maps.lowrank_core(j, p.mT @ p, m) @ p.mT
                     worst["lowrank " + m] = max(worst["lowrank " + m], orthogonality_error(q))
             print(f"{dtype!s:14s} |S|={norm:<7g} " + "  ".join(
-                f"{k} {v / (N * eps) if 'cayley' in k else v / ((N + norm) * eps):.3g}"
-                for k, v in worst.items()), "(cayley: / n eps, exp: / (n + |S|) eps)")
+                f"{k} {v / (N * eps) if 'cayley' in k else 20 * v / exp_bound(N, norm, dtype):.3g}"
+                for k, v in worst.items()),
+                "(cayley: / n eps, exp: / (n eps + min(|S|, 2^30) eps64))")
     for dtype in HALF:
         for name, options in ROTATIONS:
             worst = max(max(train_half(name, options, dtype, seed)[0]) for seed in range(3))

@@ -47,9 +47,10 @@ class Magnitude(Transform):
     The norm is detached from the autograd graph by default, as DoRA §4.3 recommends
     (``detach_norm=False`` keeps it attached). The floor :math:`\varepsilon` keeps zero-norm
     rows finite (PEFT divides by zero there and returns NaN), and each entry of the diagonal
-    is limited to :func:`diagonal_limit` of the parameters' dtype (256 in float16), so it
-    stays finite in that dtype (Note (a diagonal that stays finite)). In the layer's fast
-    forward the norm is computed without forming an ``(out, in)`` matrix when everything applied
+    is limited to :func:`~weightcond.transforms.magnitude.diagonal_limit` of the
+    parameters' dtype (256 in float16), so it stays finite in that dtype (Note (a diagonal
+    that stays finite)). In the layer's fast forward the norm is computed without forming
+    an ``(out, in)`` matrix when everything applied
     before it on the same side is diagonal and everything on the other side is orthogonal
     (DoRA, Pre-Diag + magnitude, ...); other stacks fall back to the dense matrix.
 
