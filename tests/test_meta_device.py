@@ -87,6 +87,22 @@ def test_every_preset_conditioned_on_meta_loads_exactly(preset: str, how: str) -
     check_equal(materialize(layer, reference.state_dict()), reference)
 
 
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_a_preset_on_meta_loads_with_assign(preset: str) -> None:
+    """``load_state_dict(..., assign=True)`` without ``to_empty`` (the loaded tensors become
+    the parameters): the constants follow them off the meta device."""
+    torch.manual_seed(0)
+    reference = nn.Linear(IN, OUT)
+    wc.apply_preset(reference, preset)
+    randomize(reference)
+    layer = nn.Linear(IN, OUT, device="meta")
+    wc.apply_preset(layer, preset)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    assert not any(t.is_meta for t in (*layer.parameters(), *layer.buffers()))
+    check_equal(layer, reference)
+
+
 @pytest.mark.parametrize("preset", ["sora", "oft", "boft", "goft"])
 def test_a_model_conditioned_on_meta_trains_like_the_reference(preset: str) -> None:
     def model() -> nn.Module:

@@ -98,7 +98,9 @@ class Transform(nn.Module):
         or indexed out of range. A constant keeps a CPU copy of its value (``value`` must
         not be on the meta device) and is written back whenever the module's tensors are
         converted or materialised (:meth:`~torch.nn.Module._apply`: ``to``, ``to_empty``,
-        ``cuda``, ``half``, ...), except while they are on the meta device.
+        ``cuda``, ``half``, ...), except while they are on the meta device, and when a state
+        dict is loaded (with ``assign=True`` a constant still on the meta device moves to the
+        device of the loaded parameters).
         """
         if value.is_meta:
             raise StateError(f"{type(self).__name__}.register_constant: argument 'value' "
@@ -108,12 +110,28 @@ class Transform(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)
+        self._write_constants()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._write_constants()
+
+    def _write_constants(self) -> None:
+        """Write the constants' values into their buffers (Note (constants survive meta
+        initialisation)); a buffer on the meta device beside parameters with data moves to
+        their device."""
+        device = next((p.device for p in self.parameters() if not p.is_meta), None)
         for name, value in self.__dict__.get("_constants", {}).items():
             buffer = self._buffers.get(name)
-            if buffer is not None and not buffer.is_meta:
-                with torch.no_grad():
-                    buffer.copy_(value)
-        return self
+            if buffer is None:
+                continue
+            if buffer.is_meta:
+                if device is not None:
+                    self._buffers[name] = value.to(device=device, dtype=buffer.dtype)
+                continue
+            with torch.no_grad():
+                buffer.copy_(value)
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
