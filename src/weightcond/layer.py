@@ -10,6 +10,11 @@ A layer holds one or more named *adapters* (each an update and conditioners, a
 parametrization; one adapter is active at a time, and :func:`weightcond.disabled` turns them
 all off.
 
+A conditioned layer cannot be pickled whole (``pickle.dumps(model)``, ``torch.save(model)``):
+that raises :class:`~weightcond.StateError`. Save ``model.state_dict()`` (and load it into the
+model rebuilt and conditioned the same way) or the adapter alone with
+:func:`weightcond.save_adapter`; ``copy.deepcopy`` works.
+
 Decision (matrix-free forward): parametrize swaps the layer's class for a generated
 subclass; we insert one more class below it, ``Conditioned<Base>``, whose ``forward`` runs
 :meth:`~weightcond.placement.Conditioning.activation` instead of evaluating the dense
@@ -22,6 +27,7 @@ import contextlib
 import copy
 import inspect
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -60,6 +66,16 @@ __all__ = [
 DEFAULT_ADAPTER = "default"
 _CONDITIONED_CLASSES: dict[type, type] = {}
 
+# Decision (per-thread switches): the flags of :func:`weightcond.disabled` and
+# :func:`weightcond.dense_forward` live in a ``threading.local``, ``{flag: {Adapters: value}}``,
+# as grad mode does for ``torch.no_grad``: a forward on another thread sees none of them (an
+# attribute of the module would be seen by every thread). Not a ``contextvars.ContextVar``:
+# Dynamo cannot trace ``ContextVar.get`` (a graph break in every conditioned layer), while it
+# guards on a thread-local's attributes like on any object's. Like grad mode, the switches
+# are not passed to the worker threads of ``torch.nn.DataParallel``.
+_SWITCHES = threading.local()
+_UNSWITCHED: Mapping[Adapters, bool] = {}  # never written
+
 
 class Adapters(nn.Module):
     """The parametrization of a conditioned layer's weight: its named adapters.
@@ -75,8 +91,16 @@ class Adapters(nn.Module):
         self.kind = kind
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
-        self.enabled = True
-        self.dense = False  # set by weightcond.dense_forward
+
+    @property
+    def enabled(self) -> bool:
+        """``False`` inside :func:`weightcond.disabled` on this thread."""
+        return getattr(_SWITCHES, "enabled", _UNSWITCHED).get(self, True)
+
+    @property
+    def dense(self) -> bool:
+        """``True`` inside :func:`weightcond.dense_forward` on this thread."""
+        return getattr(_SWITCHES, "dense", _UNSWITCHED).get(self, False)
 
     def current(self) -> Conditioning | None:
         """The conditioning that acts now, or ``None`` (the layer computes its base)."""
@@ -124,11 +148,35 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return replica  # type: ignore[no-any-return]
 
 
+def _reduce_ex(self: nn.Module, protocol: int) -> Any:
+    """Refuse pickling (``pickle``, ``torch.save(model)``, ``copy.copy``) with a typed error.
+
+    parametrize refuses it too (its generated class raises in ``__getstate__``): a pickle
+    would hold the generated classes, which exist in no module. This hook comes first in
+    the lookup, so the error names what works instead.
+    """
+    raise StateError(
+        f"pickle: argument 'module' expected a module without conditioned layers, got a "
+        f"conditioned {_plain_class(self).__name__}; save "
+        f"model.state_dict() (load it with load_state_dict into the model rebuilt and "
+        f"conditioned the same way) or the adapter alone with weightcond.save_adapter "
+        f"(weightcond.load_adapter restores it), or weightcond.merge the model first")
+
+
+def _plain_class(layer: nn.Module) -> type:
+    """The layer's class before conditioning (``Linear`` for ``ParametrizedConditionedLinear``)."""
+    for cls in type(layer).__mro__:
+        if cls in _CONDITIONED_CLASSES.values():
+            return cls.__bases__[0]
+    return type(layer)
+
+
 def _conditioned_class(base: type) -> type:
     if base not in _CONDITIONED_CLASSES:
         _CONDITIONED_CLASSES[base] = type(
             f"Conditioned{base.__name__}", (base,),
-            {"forward": _forward, "__deepcopy__": _deepcopy, "__module__": __name__})
+            {"forward": _forward, "__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex,
+             "__module__": __name__})
     return _CONDITIONED_CLASSES[base]
 
 
@@ -208,15 +256,83 @@ def _base_bias(layer: nn.Module) -> Tensor | None:
     return getattr(layer, "bias", None)
 
 
+def require_module(module: Any, where: str, argument: str) -> nn.Module:
+    """Return ``module`` if it is an :class:`torch.nn.Module`, else a
+    :class:`~weightcond.LayerTypeError`."""
+    if not isinstance(module, nn.Module):
+        raise LayerTypeError(f"{where}: argument '{argument}' expected an nn.Module, "
+                             f"got {type(module).__name__}")
+    return module
+
+
+#: The dtypes a conditioned weight may have (the transforms' mathematics is real, and their
+#: small solves run in float32 or float64, Note (small solves)).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
-    """``(out, in)`` of a layer weightcond can condition, or a typed error."""
-    shape = layer_kind(layer, where).shape(layer)
-    if not is_conditioned(layer) and parametrize.is_parametrized(layer):
-        names = ", ".join(repr(n) for n in layer.parametrizations)
-        raise StateError(f"{where}: argument 'layer' expected a layer without "
-                         f"torch.nn.utils.parametrize parametrizations (weightcond owns the "
-                         f"weight's), got one parametrized on {names}")
-    return shape
+    """``(out, in)`` of a layer weightcond can condition, or a typed error.
+
+    A layer conditioned already was checked when it was conditioned first; a plain one must
+    have a weight parametrize can take over (a parameter or a buffer, no other
+    parametrizations) that the transforms can compute with.
+    """
+    kind = layer_kind(layer, where)
+    if not is_conditioned(layer):
+        if parametrize.is_parametrized(layer):
+            names = ", ".join(repr(n) for n in layer.parametrizations)
+            raise StateError(f"{where}: argument 'layer' expected a layer without "
+                             f"torch.nn.utils.parametrize parametrizations (weightcond owns "
+                             f"the weight's), got one parametrized on {names}")
+        _check_weight(layer, kind, where)
+    return kind.shape(layer)
+
+
+def _check_weight(layer: nn.Module, kind: LayerKind, where: str) -> None:
+    got = type(layer).__name__
+    registered = {**layer._buffers, **layer._parameters}
+    if "weight" not in registered:
+        hooks = [h for h in layer._forward_pre_hooks.values()
+                 if getattr(h, "name", None) == "weight"]
+        value = layer.__dict__.get("weight")
+        if hooks:
+            what = (f"is recomputed by a {type(hooks[0]).__name__} forward pre-hook (the "
+                    f"hook-based torch.nn.utils.weight_norm or spectral_norm); remove it first "
+                    f"(torch.nn.utils.remove_weight_norm, remove_spectral_norm)")
+        elif isinstance(value, Tensor):
+            what = "is a plain tensor attribute"
+        else:
+            what = "is missing" if value is None else f"is {value!r}"
+        raise StateError(f"{where}: argument 'layer' expected a layer whose 'weight' is a "
+                         f"parameter or a buffer, got {got} whose 'weight' {what}")
+    weight = registered["weight"]
+    if not isinstance(weight, Tensor):
+        raise LayerTypeError(f"{where}: argument 'layer' expected a layer whose 'weight' is a "
+                             f"tensor, got {got} whose 'weight' is {weight!r}")
+    if isinstance(weight, nn.parameter.UninitializedTensorMixin):
+        raise StateError(f"{where}: argument 'layer' expected a layer with an initialized "
+                         f"weight, got {got} whose weight is uninitialized (run one forward "
+                         f"first: a lazy layer infers its shape from its first input)")
+    if weight.layout != torch.strided:
+        raise LayerTypeError(f"{where}: argument 'layer' expected a dense (torch.strided) "
+                             f"weight, got {weight.layout}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise LayerTypeError(f"{where}: argument 'layer' expected a weight of dtype "
+                             f"{', '.join(map(str, WEIGHT_DTYPES[:-1]))} or "
+                             f"{WEIGHT_DTYPES[-1]}, got {weight.dtype}")
+    ndim = 2 + kind.kernel
+    if weight.dim() != ndim:
+        raise ShapeError(f"{where}: argument 'layer' expected a {ndim}-D weight for a "
+                         f"{kind.name}, got one of shape {tuple(weight.shape)}")
+    for name in ("weight", "bias"):
+        tensor = registered.get(name)
+        if isinstance(tensor, Tensor) and tensor.is_inference():
+            raise StateError(
+                f"{where}: argument 'layer' expected a layer whose tensors are not inference "
+                f"tensors, got {got} whose {name!r} was created under torch.inference_mode() "
+                f"(it cannot be saved for backward); build the model outside inference mode or "
+                f"replace it: layer.{name} = torch.nn.Parameter(layer.{name}.clone(), "
+                f"requires_grad=False)")
 
 
 _RESERVED = frozenset(dir(nn.ModuleDict()))
@@ -260,7 +376,20 @@ def _install(layer: nn.Module, adapter_name: str, conditioning: Conditioning) ->
         parametrize.register_parametrization(layer, "bias", _ConditionedBias(layer))
 
 
+# Decision (registration under inference mode): the functions that build and attach adapters
+# (the update, conditioners, parametrizations; apply_preset and condition go through them)
+# run with inference mode off. Under torch.inference_mode() the new parameters would be
+# inference tensors, and the first training forward would fail with "Inference tensors
+# cannot be saved for backward"; created outside it they are normal tensors, which serve
+# inference-mode forwards as well (loading an adapter inside an inference loop keeps
+# working). Registration records nothing for autograd, so nothing else changes. A base weight
+# or bias that is itself an inference tensor is refused (_check_weight): weightcond never
+# replaces the base tensors, and such a tensor cannot be saved for backward whatever we do.
+_REGISTERING = torch.inference_mode(False)
+
+
 # -- the update -----------------------------------------------------------------------------------
+@_REGISTERING
 def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None,
                   adapter_name: str = DEFAULT_ADAPTER) -> LowRankUpdate:
     out_features, in_features = _check_layer(layer, where)
@@ -270,12 +399,16 @@ def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | Non
                          f"call weightcond.remove_conditioning(layer) first")
     weight = _base_weight(layer)
     try:
-        return LowRankUpdate(out_features, in_features, rank=rank, alpha=alpha,
-                             dtype=weight.dtype, device=weight.device)
+        update = LowRankUpdate(out_features, in_features, rank=rank, alpha=alpha,
+                               dtype=weight.dtype, device=weight.device)
     except WeightcondError as error:  # say which call the update's error came from
         raise type(error)(str(error).replace("register_update", where, 1)) from None
+    if alpha is not None:  # the scale multiplies B in the layer's dtype
+        _check_representable({"alpha": update.alpha}, weight.dtype, where)
+    return update
 
 
+@_REGISTERING
 def _attach_update(layer: nn.Module, update: LowRankUpdate,
                    adapter_name: str = DEFAULT_ADAPTER) -> None:
     conditioning = _conditioning_for(layer, adapter_name)
@@ -297,7 +430,10 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None,
 
     Args:
         layer: an :class:`torch.nn.Linear`, a transformers ``Conv1D`` or an
-            :class:`torch.nn.Conv2d` (see :mod:`weightcond.reshape`).
+            :class:`torch.nn.Conv2d` (see :mod:`weightcond.reshape`) whose weight is an
+            initialised float16, bfloat16, float32 or float64 parameter or buffer (not an
+            inference tensor). Under :func:`torch.inference_mode` the new parameters are
+            still created as normal tensors, so the layer trains afterwards.
         rank: :math:`r`, between 1 and ``min(out, in)``.
         alpha: :math:`\alpha`; ``None`` means ``alpha = rank``.
         adapter_name: the adapter the update belongs to; it becomes the layer's active
@@ -325,6 +461,18 @@ def _option_names(cls: type[Transform]) -> list[str]:
     return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def _describe(value: Any) -> str:
+    if value is Transform:
+        return "the base class Transform itself"
+    return f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+
+
+def _required_options(cls: type[Transform]) -> list[str]:
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    return [p.name for p in params if p.default is p.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def _registered_name(cls: type[Transform]) -> str | None:
     """The registry name of a transform class, ``None`` when it is not registered."""
     return cls.name if cls.name and TRANSFORMS.get(cls.name) is cls else None
@@ -345,12 +493,14 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
         return transform
     if isinstance(transform, str):
         cls = TRANSFORMS.lookup(transform, where, "transform")
-    elif isinstance(transform, type) and issubclass(transform, Transform):
+    elif isinstance(transform, type) and issubclass(transform, Transform) \
+            and transform is not Transform:
         cls = transform
     else:
         raise OptionError(f"{where}: argument 'transform' expected a registered name "
                              f"({', '.join(map(repr, TRANSFORMS))}), a Transform subclass or "
-                             f"a Transform instance, got {type(transform).__name__}")
+                             f"a Transform instance, got "
+                             f"{_describe(transform)}")
     valid = _option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -360,9 +510,14 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
             if valid else
             f"{where}: unknown option {', '.join(map(repr, unknown))} for transform "
             f"{cls.name or cls.__name__!r}, which takes no options")
+    missing = [n for n in _required_options(cls) if n not in options]
+    if missing:
+        raise OptionError(f"{where}: argument {missing[0]!r} expected a value (transform "
+                          f"{cls.name or cls.__name__!r} has no default for it), got none")
     return cls(dim, **options)
 
 
+@_REGISTERING
 def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: str,
                        transform: Any, condition_bias: bool, options: Mapping[str, Any]
                        ) -> Conditioner:
@@ -381,8 +536,10 @@ def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: st
         raise type(error)(message if message.startswith(where) else f"{where}: {message}"
                           ) from None
     weight = _base_weight(layer)
+    label = f"{where}: {type(built).name or type(built).__name__}"
+    _check_representable(options, weight.dtype, label)
     built.to(dtype=weight.dtype, device=weight.device)
-    _check_transform(built, weight, where)
+    _check_transform(built, weight, where, label, options)
     conditioner = Conditioner(built, stage, where_side, condition_bias)
     # what a saved adapter records to rebuild it (weightcond.save_adapter); a transform
     # object passed in has unknown constructor options, so it has no recipe
@@ -391,22 +548,59 @@ def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: st
     return conditioner
 
 
-def _check_transform(transform: Transform, weight: Tensor, where: str) -> None:
-    """Run a (user-written) transform once on a probe, so a broken one fails here and not in
-    ``forward``: it must keep the shape of vectors and batches of vectors."""
+def _check_representable(options: Mapping[str, Any], dtype: torch.dtype, label: str) -> None:
+    """A real-valued option (``eps`` of ``magnitude``, the update's ``alpha``) is used in the
+    layer's dtype: refuse one whose magnitude is beyond that dtype's largest finite value
+    (``eps=1e6`` on a float16 layer made DoRA's magnitude ``inf``, or failed converting the
+    value in ``clamp_min``; ``alpha=1e39`` made the weight NaN)."""
+    limit = torch.finfo(dtype).max
+    for name, value in options.items():
+        if isinstance(value, float) and not abs(value) <= limit:
+            raise OptionError(f"{label}: argument '{name}' expected a number representable in "
+                              f"the layer's dtype {dtype} (at most {limit:g}), got {value!r}")
+
+
+def _check_transform(transform: Transform, weight: Tensor, where: str, label: str,
+                     options: Mapping[str, Any]) -> None:
+    """Run a transform once on probes of the layer's dtype and device, so that a broken
+    one, or a user callable it was given (a ``map``), fails here and not in ``forward``: it
+    must run and keep the shape of vectors and batches of vectors."""
     name = type(transform).__name__
-    with torch.no_grad():
-        if transform.norm_tied:
-            ones = weight.new_ones(transform.dim)
-            checks = [("diagonal(norms)", ones.shape, transform.diagonal(ones).shape)]
-        else:
-            probes = (weight.new_zeros(transform.dim), weight.new_zeros(2, transform.dim))
-            checks = [(f"apply() of a {tuple(p.shape)} input", p.shape, transform.apply(p).shape)
-                      for p in probes]
-    for what, expected, got in checks:
+    if transform.norm_tied:
+        ones = weight.new_ones(transform.dim)
+        probes = [("diagonal(norms)", ones.shape, lambda: transform.diagonal(ones))]
+    else:
+        probes = [(f"apply() of a {tuple(p.shape)} input", p.shape,
+                   lambda p=p: transform.apply(p))  # type: ignore[misc]
+                  for p in (weight.new_zeros(transform.dim), weight.new_zeros(2, transform.dim))]
+    for what, expected, probe in probes:
+        try:
+            with torch.no_grad():
+                got = probe().shape
+        except WeightcondError:
+            raise
+        except Exception as error:
+            raise _probe_error(transform, weight, where, label, options, what, error) from error
         if tuple(got) != tuple(expected):
             raise ShapeError(f"{where}: argument 'transform' expected a transform whose {what} "
                              f"has shape {tuple(expected)}, got {tuple(got)} from {name}")
+
+
+def _probe_error(transform: Transform, weight: Tensor, where: str, label: str,
+                 options: Mapping[str, Any], what: str, error: Exception) -> WeightcondError:
+    """The typed error for a transform that fails on its probe: a callable option given by
+    the user (a ``map``) is the first suspect; otherwise the transform (a user's class or
+    object, or one that does not run on the layer's dtype or device)."""
+    cause = f"{type(error).__name__}: {error}"
+    given = [k for k, v in options.items() if callable(v)]
+    if given:
+        return ShapeError(f"{label}: argument '{given[0]}' expected a callable that returns a "
+                          f"matrix of its input's shape (..., k, k) and dtype, got "
+                          f"{options[given[0]]!r}, with which the transform's {what} fails "
+                          f"({cause})")
+    return LayerTypeError(f"{where}: argument 'transform' expected a transform that runs on "
+                          f"the layer's {weight.dtype} weight on {weight.device.type}, got "
+                          f"{type(transform).__name__}, whose {what} fails ({cause})")
 
 
 def _add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Conditioner) -> None:
@@ -419,6 +613,7 @@ def _add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Cond
     conditioning.stage(stage).append(conditioner)
 
 
+@_REGISTERING
 def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
                         adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Initialise (which may fail in user code) before touching the layer, then attach."""
@@ -471,7 +666,11 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
             :math:`b' = Q b` (the released SORA code does this).
         adapter_name: the adapter the conditioner belongs to; it becomes the layer's active
             adapter.
-        **options: the transform's options (e.g. ``rank``, ``map`` for ``"skew"``).
+        **options: the transform's options (e.g. ``rank``, ``map`` for ``"skew"``). A real
+            number must be representable in the layer's dtype (``eps <= 65504`` in float16).
+            The transform runs once on a probe of the layer's dtype and device, so a
+            callable it was given (a ``map``) that fails or returns another shape raises
+            :class:`~weightcond.ShapeError` here, not in ``forward``.
 
     Returns:
         The :class:`~weightcond.placement.Conditioner`; its parameters are under
@@ -541,7 +740,8 @@ def conditioned_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def dense_forward(module: nn.Module) -> Iterator[None]:
     """Within the block, conditioned layers in ``module`` compute their output through the
     dense weight (``F.linear(x, layer.weight, layer.bias)`` for a Linear) instead of the
-    matrix-free form (for verification).
+    matrix-free form (for verification). It acts on this thread only, as
+    :class:`torch.no_grad` does: a forward on another thread runs matrix-free.
 
     Example:
         >>> import torch, weightcond as wc
@@ -553,23 +753,28 @@ def dense_forward(module: nn.Module) -> Iterator[None]:
         >>> torch.allclose(dense, layer(x), atol=1e-6)
         True
     """
-    with switched(module, "dense", True):
+    with switched(module, "dense", True, where="dense_forward"):
         yield
 
 
 @contextlib.contextmanager
-def switched(module: nn.Module, flag: str, value: bool) -> Iterator[None]:
-    """Set ``flag`` of every conditioned layer's :class:`Adapters` in ``module`` to ``value``
-    within the block, and restore each one's previous value after it."""
+def switched(module: nn.Module, flag: str, value: bool, *, where: str = "switched"
+             ) -> Iterator[None]:
+    """Set ``flag`` (``"enabled"`` or ``"dense"``) of every conditioned layer's
+    :class:`Adapters` in ``module`` to ``value`` on this thread within the block, and restore
+    the previous values after it (Decision (per-thread switches))."""
+    require_module(module, where, "module")
+    check_choice(where, "flag", flag, ("enabled", "dense"))
+    previous = getattr(_SWITCHES, flag, None)
     found = [_adapters(m) for _, m in conditioned_layers(module)]
-    previous = [getattr(a, flag) for a in found]
-    for a in found:
-        setattr(a, flag, value)
+    setattr(_SWITCHES, flag, {**(previous or {}), **dict.fromkeys(found, value)})
     try:
         yield
     finally:
-        for a, p in zip(found, previous):
-            setattr(a, flag, p)
+        if previous is None:
+            delattr(_SWITCHES, flag)
+        else:
+            setattr(_SWITCHES, flag, previous)
 
 
 # -- merging and removing ------------------------------------------------------------------

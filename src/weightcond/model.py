@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from .layer import (
     conditioned_layers,
     is_conditioned,
     remove_conditioning,
+    require_module,
     switched,
 )
 from .presets import PRESETS, Preset, apply_preset
@@ -113,6 +114,11 @@ def _select(model: nn.Module, targets: Targets | None, where: str, argument: str
     if targets is None:
         return {}
     modules = _model_modules(model)
+    if not isinstance(targets, str):
+        if not isinstance(targets, Iterable) or isinstance(targets, (bytes, Mapping)):
+            raise OptionError(f"{where}: argument '{argument}' expected 'all-linear', a regular "
+                              f"expression or a list of module names, got {targets!r}")
+        targets = list(targets)  # once: a generator is read by the checks below
     if isinstance(targets, str):
         if targets == ALL_LINEAR:
             heads = _head_names(model, {m: n for n, m in modules.items()})
@@ -141,7 +147,12 @@ def _near(pattern: str, model: nn.Module) -> str:
 
 def _resolve_targets(model: nn.Module, target_modules: Targets,
                      exclude_modules: Targets | None, where: str) -> list[str]:
-    matched = _select(model, target_modules, where, "target_modules")
+    matched = {} if target_modules is None else _select(model, target_modules, where,
+                                                        "target_modules")
+    if not matched:  # None, or no names: nothing is targeted (not "all excluded")
+        raise OptionError(f"{where}: argument 'target_modules' expected 'all-linear', a regular "
+                          f"expression or a non-empty list of module names, "
+                          f"got {target_modules!r}")
     for pattern, found in matched.items():
         if not found:
             raise UnknownNameError(f"{where}: argument 'target_modules': {pattern!r} matches no "
@@ -217,9 +228,16 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         ``print_trainable_parameters`` line.
 
     Raises:
-        weightcond.WeightcondError: a pattern matching nothing (with near names), an
-            unsupported layer type, an unknown preset or option; the model is left exactly
-            as it was (layers conditioned before the failure are restored).
+        weightcond.WeightcondError: nothing targeted, a pattern matching nothing (with near
+            names), an unsupported layer type or weight, an unknown preset or option; the
+            model is left exactly as it was (layers conditioned before the failure are
+            restored).
+
+    Saving: the conditioned model cannot be pickled whole (``torch.save(model)`` and
+    ``pickle.dumps(model)`` raise :class:`~weightcond.StateError`, as parametrized modules
+    do). Save ``model.state_dict()`` and load it into the model rebuilt and conditioned
+    the same way, or save the adapter alone with :func:`weightcond.save_adapter` (read back
+    by :func:`weightcond.load_adapter`); ``copy.deepcopy`` works.
 
     Example:
         >>> import torch, weightcond as wc
@@ -242,7 +260,7 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         raise LayerTypeError(f"{where}: argument 'model' expected an nn.Module, "
                              f"got {type(model).__name__}")
     names = _resolve_targets(model, target_modules, exclude_modules, where)
-    plan = _plan(names, preset, overrides or {}, options, where)
+    plan = _plan(names, preset, {} if overrides is None else overrides, options, where)
     modules = _model_modules(model)
     taken = [n for n in names if is_conditioned(modules[n])
              and adapter_name in _adapters(modules[n]).adapters]
@@ -278,6 +296,13 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
 def _plan(names: list[str], preset: str | Preset, overrides: Mapping[str, Mapping[str, Any]],
           options: Mapping[str, Any], where: str) -> dict[str, tuple[str | Preset, dict]]:
     """Each target's preset and options, after overrides; validates names up front."""
+    if not isinstance(overrides, Mapping):
+        raise OptionError(f"{where}: argument 'overrides' expected a mapping of pattern to a "
+                          f"dict of options, got {overrides!r}")
+    for pattern, change in overrides.items():
+        if not isinstance(change, Mapping):
+            raise OptionError(f"{where}: argument 'overrides' expected a mapping of pattern to "
+                              f"a dict of options, got {change!r} for {pattern!r}")
     presets = [preset, *(o["preset"] for o in overrides.values() if "preset" in o)]
     for p in presets:
         if not isinstance(p, Preset):
@@ -289,9 +314,6 @@ def _plan(names: list[str], preset: str | Preset, overrides: Mapping[str, Mappin
         except (re.error, TypeError) as error:
             raise OptionError(f"{where}: argument 'overrides' expected names or regular "
                               f"expressions as keys, got {pattern!r} ({error})") from None
-        if not isinstance(change, Mapping):
-            raise OptionError(f"{where}: argument 'overrides' expected a mapping of pattern to "
-                              f"a dict of options, got {change!r} for {pattern!r}")
         hit = [n for n in names if _matches(pattern, n, suffix=True)
                or _matches(pattern, n, suffix=False)]
         if not hit:
@@ -307,6 +329,7 @@ def _plan(names: list[str], preset: str | Preset, overrides: Mapping[str, Mappin
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters in ``model``'s conditioned layers, sorted."""
+    require_module(model, "adapter_names", "model")
     return sorted({n for _, layer in conditioned_layers(model)
                    for n in _adapters(layer).adapters})
 
@@ -326,6 +349,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         >>> [c.transform.name for c in wc.conditioners(model[0])]
         []
     """
+    require_module(model, "set_adapter", "model")
     names = adapter_names(model)
     if adapter_name not in names:
         raise UnknownNameError(f"set_adapter: argument 'adapter_name' expected one of "
@@ -339,6 +363,10 @@ def disabled(model: nn.Module) -> Iterator[None]:
     """Within the block, every conditioned layer of ``model`` computes its base function
     (its frozen weight and bias), as PEFT's ``disable_adapter()``.
 
+    It acts on this thread only, as :class:`torch.no_grad` does: a forward of the same model
+    on another thread still computes the conditioned function. Blocks nest; each restores
+    what was in force before it.
+
     Example:
         >>> import torch, weightcond as wc
         >>> layer = torch.nn.Linear(8, 8)
@@ -350,5 +378,6 @@ def disabled(model: nn.Module) -> Iterator[None]:
         ...     torch.equal(layer(torch.ones(1, 8)), base)
         True
     """
-    with switched(model, "enabled", False):
+    require_module(model, "disabled", "model")
+    with switched(model, "enabled", False, where="disabled"):
         yield
