@@ -260,7 +260,7 @@ def test_the_config_records_every_layer_transform_option_and_shape(tmp_path: Pat
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG, TENSORS]
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"),
                         parse_constant=_refuse_constant)
-    assert config["format"] == "weightcond.adapter" and config["format_version"] == 1
+    assert config["format"] == "weightcond.adapter" and config["format_version"] == 2
     assert config["weightcond_version"] == wc.__version__
     assert config["adapter_name"] == "default" and config["model"] == "BertModel"
     names = [n for n, _ in wc.conditioned_layers(model)]
@@ -281,6 +281,7 @@ def test_the_config_records_every_layer_transform_option_and_shape(tmp_path: Pat
                         "pre.0.transform.scale", "update.A", "update.B"]}
         keys |= {f"{name}.{t}" for t in record["tensors"]}
     assert config["tensors_sha256"] == wio._digest(read_tensors(folder))
+    assert config["recipe_sha256"] == wio._recipe_digest(config)
     with safe_open(folder / TENSORS, framework="pt") as f:
         assert set(f.keys()) == keys
         assert f.metadata() == {"format": "pt"}
@@ -339,8 +340,13 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def edit_config(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    """Edit the configuration and record its new recipe digest: a consistent file, so the
+    checks behind the digest are what each case meets (tests/test_robustness_io.py edits
+    without resealing)."""
     config = json.loads((folder / CONFIG).read_text())
     change(config)
+    if "recipe_sha256" in config:
+        config["recipe_sha256"] = wio._recipe_digest(config)
     (folder / CONFIG).write_text(json.dumps(config))
 
 
@@ -364,6 +370,15 @@ def edit_rotation(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], N
 def write(name: str, data: bytes) -> Callable[[Path], None]:
     def mutate(folder: Path) -> None:
         (folder / name).write_bytes(data)
+    return mutate
+
+
+def replace_text(old: str, new: str) -> Callable[[Path], None]:
+    """Edit the configuration's text: what json.dumps cannot write (NaN as a number)."""
+    def mutate(folder: Path) -> None:
+        text = (folder / CONFIG).read_text()
+        assert old in text
+        (folder / CONFIG).write_text(text.replace(old, new, 1))
     return mutate
 
 
@@ -448,12 +463,12 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
      r"load_adapter: adapter_config\.json expected format 'weightcond\.adapter', got None "
      r"\(a PEFT adapter\? use weightcond\.from_peft\)"),
     ("format-version-too-new",
-     lambda f: edit_config(f, lambda c: c.update(format_version=2, weightcond_version="9.0")),
+     lambda f: edit_config(f, lambda c: c.update(format_version=3, weightcond_version="9.0")),
      "bert", wc.AdapterError,
-     MALFORMED + r"format_version expected 1\.\.1, got 2 \(saved by weightcond '9\.0'; "
+     MALFORMED + r"format_version expected 1\.\.2, got 3 \(saved by weightcond '9\.0'; "
                  r"this is 0\.1\.0\)"),
     ("format-version-missing", lambda f: edit_config(f, lambda c: c.pop("format_version")),
-     "bert", wc.AdapterError, MALFORMED + r"format_version expected 1\.\.1, got None"),
+     "bert", wc.AdapterError, MALFORMED + r"format_version expected 1\.\.2, got None"),
     ("adapter-name-type", lambda f: edit_config(f, lambda c: c.update(adapter_name=3)),
      "bert", wc.AdapterError,
      MALFORMED + r"'adapter_name' expected a name of letters, digits, '_' and '-', got 3"),
@@ -539,8 +554,10 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
      wc.AdapterError, AT + r"skew: argument 'rank' expected an int <= 32"),
     ("update-rank-too-large", edit_layer(QUERY, lambda r: r["update"].update(rank=33)), "bert",
      wc.AdapterError, AT + r"argument 'rank' expected an int <= 32"),
-    ("alpha-nan", edit_layer(QUERY, lambda r: r["update"].update(alpha=float("nan"))), "bert",
-     wc.AdapterError, AT + r"argument 'alpha' expected a finite number > 0, got nan"),
+    ("alpha-nan", replace_text('"alpha": 2.0', '"alpha": NaN'), "bert", wc.AdapterError,
+     MALFORMED + r"NaN is not a JSON number"),
+    ("alpha-negative", edit_layer(QUERY, lambda r: r["update"].update(alpha=-1.0)), "bert",
+     wc.AdapterError, AT + r"argument 'alpha' expected a finite number > 0, got -1\.0"),
     ("placement", edit_rotation(lambda c: c.update(placement="middle")), "bert",
      wc.AdapterError, AT + r"argument 'placement' expected one of 'pre', 'post', got 'middle'"),
     ("condition-bias-on-the-right",

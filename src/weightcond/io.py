@@ -3,18 +3,30 @@
 An adapter directory holds two files:
 
 * ``adapter_config.json`` — the format and library version and, for every conditioned
-  layer, its kind and shape, the update's rank and alpha, and every conditioner's
-  placement, side, transform name, options and ``condition_bias``: enough to rebuild each
-  conditioner exactly (the released SORA code loses its rotation on reload; this does not),
-  and the SHA-256 of the tensors, so a corrupted tensors file fails to load;
+  layer, its kind, shape and dtype, the update's rank and alpha, and every conditioner's
+  placement, side, transform name, options and ``condition_bias``, in order: enough to
+  rebuild each conditioner exactly (the released SORA code loses its rotation on reload;
+  this does not); the SHA-256 of the tensors (``tensors_sha256``), and the SHA-256 of the
+  rest of the configuration (``recipe_sha256``, see Note (the recipe digest)), so a
+  corrupted or hand-edited file fails to load;
 * ``adapter_model.safetensors`` — every tensor of each layer's adapter, under
   ``<layer name>.<key in the adapter's state_dict>``.
+
+Note (the recipe digest): ``recipe_sha256`` is the SHA-256 of the canonical JSON (keys
+sorted, no spaces, ASCII) of every other key of the configuration, ``tensors_sha256``
+included, so it covers the recipe and, through that digest, the tensors: an edited map,
+temperature, alpha, side, placement, ``condition_bias``, conditioner order or layer name
+loads no more than a flipped bit in a tensor. It is a checksum, not a signature: whoever
+can write the file can recompute it. Format 1 files (written before it) still load, with
+their tensors checked against ``tensors_sha256`` only, as before.
 
 Nothing is ever unpickled: ``json`` and `safetensors <https://huggingface.co/docs/
 safetensors>`_ only (we chose safetensors for tensors on disk: a fixed header, no code).
 Writes go to a temporary directory beside the target that is renamed into place, so a
-failed save leaves no half-written adapter. A load validates the whole file and builds
-every conditioner before it changes the model, so any failure leaves the model as it was.
+failed save leaves no half-written adapter. A load validates the whole file — JSON depth,
+duplicate keys, non-finite or absurd numbers, every field's type and range, both digests,
+every tensor's dtype, shape and finiteness — and builds every conditioner before it changes
+the model, so any failure leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -23,15 +35,17 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterError, OptionError, StateError, WeightcondError
+from .errors import AdapterError, LayerTypeError, OptionError, StateError, WeightcondError
 from .layer import (
     _adapters,
     _add_conditioner,
@@ -52,12 +66,53 @@ __all__ = ["CONFIG_NAME", "TENSORS_NAME", "load_adapter", "save_adapter"]
 CONFIG_NAME = "adapter_config.json"
 TENSORS_NAME = "adapter_model.safetensors"
 FORMAT = "weightcond.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: recipe_sha256; 1: tensors_sha256 only (still read)
+
+# the keys of each level of the configuration, in the order save_adapter writes them
+_KEYS = ("format", "format_version", "weightcond_version", "torch_version", "model",
+         "adapter_name", "layers", "tensors_sha256", "recipe_sha256")
+_RECORD_KEYS = ("kind", "shape", "dtype", "update", "conditioners", "tensors")
+_UPDATE_KEYS = ("rank", "alpha")
+_ENTRY_KEYS = ("placement", "side", "transform", "options", "condition_bias")
+# a saved configuration is 7 levels deep (more only where an option holds nested lists);
+# far deeper is an attack on the parser's recursion, refused before anything walks it
+_MAX_DEPTH = 64
+_MAX_DIGITS = 30  # no count or size needs more; Python refuses to parse > 4300 digits
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# the dtypes of a conditioned layer's weight, so of every floating tensor a save writes
+_FLOAT_DTYPES = {str(d).removeprefix("torch."): d
+                 for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
 
 
 def _version() -> str:
     from . import __version__
     return __version__
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message quotes what it got
+    without copying a hostile file's megabyte-long value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def is_int(value: Any) -> bool:
+    """An int, not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (within float64), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float64
+        return False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
@@ -72,6 +127,85 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
     return h.hexdigest()
+
+
+def _recipe_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of every key of ``config`` but ``recipe_sha256`` (Note (the recipe digest)).
+
+    Canonical JSON — keys sorted, no spaces, ASCII — so the digest depends on the values
+    only, not on how the file was indented or its keys ordered.
+    """
+    rest = {k: v for k, v in config.items() if k != "recipe_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def check_model(where: str, model: Any) -> nn.Module:
+    """Return ``model`` if it is a :class:`torch.nn.Module` (an instance), else raise
+    :class:`~weightcond.LayerTypeError`."""
+    if not isinstance(model, nn.Module):
+        raise LayerTypeError(f"{where}: argument 'model' expected a torch.nn.Module, got "
+                             f"{type(model).__name__}")
+    return model
+
+
+def check_path(where: str, path: Any) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is a non-empty ``str`` or
+    :class:`os.PathLike` of one without NUL characters, else raise
+    :class:`~weightcond.AdapterError`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterError(f"{where}: argument 'path' expected a str or os.PathLike, got "
+                           f"{type(path).__name__}")
+    try:
+        text: Any = os.fspath(path)
+    except TypeError:  # a __fspath__ that returns neither str nor bytes
+        text = None
+    if not isinstance(text, str):
+        raise AdapterError(f"{where}: argument 'path' expected a str or os.PathLike, got "
+                           f"{type(path).__name__} of {type(text).__name__}")
+    if not text:
+        raise AdapterError(f"{where}: argument 'path' expected a non-empty path, got ''")
+    if "\0" in text:
+        raise AdapterError(f"{where}: argument 'path' expected a path without NUL characters, "
+                           f"got {brief(text)}")
+    return Path(text)
+
+
+def check_tensor(where: str, name: str, value: Any, *,
+                 error: type[WeightcondError] = AdapterError) -> Tensor:
+    """Return ``value`` if it is a floating-point tensor of finite values, else raise
+    ``error``: an adapter read from disk or handed over is never cast from ``bool`` or an
+    integer, and never holds NaN or infinities."""
+    if not isinstance(value, Tensor):
+        raise error(f"{where}: tensor {name!r} expected a torch.Tensor, got "
+                    f"{type(value).__name__}")
+    if not value.is_floating_point():
+        raise error(f"{where}: tensor {name!r} expected a floating-point tensor, got dtype "
+                    f"{_dtype_name(value.dtype)}")
+    if not _finite(value):
+        raise error(f"{where}: tensor {name!r} expected finite values, got NaN or infinite "
+                    f"ones")
+    return value
+
+
+def _finite(value: Tensor) -> bool:
+    """Whether every value is finite (a meta tensor has no values: yes)."""
+    return value.device.type == "meta" or bool(torch.isfinite(value).all())
+
+
+def cast_finite(where: str, name: str, value: Tensor, like: Tensor, whose: str, *,
+                error: type[WeightcondError] = AdapterError) -> Tensor:
+    """``value`` in the dtype and on the device of ``like``; raise ``error`` where a finite
+    value overflows that dtype (a float32 1e30 is inf in float16). Checked where ``value``
+    is (the CPU, for a file), before the move: no sync with an accelerator, and a model on
+    the meta device still loads."""
+    cast = value.to(dtype=like.dtype)
+    if cast.is_floating_point() and not _finite(cast):
+        raise error(f"{where}: tensor {name!r} expected values finite in "
+                    f"{_dtype_name(like.dtype)} ({whose}), got some that overflow it")
+    return cast.to(device=like.device)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -95,7 +229,7 @@ def _layer_record(name: str, layer: nn.Module, conditioning: Conditioning, where
     record: dict[str, Any] = {
         "kind": kind.name,
         "shape": [conditioning.out_features, conditioning.in_features],
-        "dtype": str(_base_matrix(layer).dtype).removeprefix("torch."),
+        "dtype": _dtype_name(_base_matrix(layer).dtype),
         "update": None,
         "conditioners": [],
     }
@@ -121,6 +255,8 @@ def _layer_record(name: str, layer: nn.Module, conditioning: Conditioning, where
 
 def _adapter_layers(model: nn.Module, adapter_name: str | None, where: str
                     ) -> tuple[str, list[tuple[str, nn.Module, Conditioning]]]:
+    if adapter_name is not None:
+        check_adapter_name(where, adapter_name)
     layers = conditioned_layers(model)
     if not layers:
         raise AdapterError(f"{where}: argument 'model' expected a model with conditioned "
@@ -148,15 +284,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
 
     ``path`` becomes a directory with ``adapter_config.json`` and
     ``adapter_model.safetensors`` (see :mod:`weightcond.io`); an existing adapter directory
-    there is replaced, atomically. :func:`load_adapter` on a freshly loaded base model
-    rebuilds every conditioner and reproduces the outputs bit for bit.
+    there is replaced, atomically (through a symbolic link, the directory it points to).
+    :func:`load_adapter` on a freshly loaded base model rebuilds every conditioner and
+    reproduces the outputs bit for bit.
 
     Returns:
         The directory written.
 
     Raises:
         weightcond.AdapterError: no conditioned layers or no such adapter; a conditioner
-            registered as an object (its options are unknown); ``path`` holds other files.
+            registered as an object (its options are unknown); a tensor with NaN or
+            infinite values (no load would accept it); ``path`` not a str or path, holds
+            other files, or lies under a file.
+        weightcond.LayerTypeError: ``model`` is not a module.
 
     Example:
         >>> import tempfile, torch, weightcond as wc
@@ -169,6 +309,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     where = "save_adapter"
+    check_model(where, model)
+    target = check_path(where, path)
     adapter_name, found = _adapter_layers(model, adapter_name, where)
     config: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "weightcond_version": _version(),
@@ -184,13 +326,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
     config["tensors_sha256"] = _digest(tensors)
-    target = Path(path)
+    # the digest of what a load will parse: the JSON round trip turns tuples into lists
+    config["recipe_sha256"] = _recipe_digest(json.loads(json.dumps(config, allow_nan=False)))
     _write_atomically(target, config, tensors, save_file, where)
     return target
 
 
 def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                       save_file: Any, where: str) -> None:
+    for key, value in tensors.items():  # what no load accepts is not written
+        if value.is_floating_point() and not _finite(value):
+            raise AdapterError(f"{where}: tensor {key!r} has NaN or infinite values; a saved "
+                               f"adapter is finite")
+    if target.name in ("", ".", ".."):
+        raise AdapterError(f"{where}: argument 'path' expected a path ending in a directory "
+                           f"name, got {str(target)!r}")
+    if target.is_symlink():  # replace what the link points to, and keep the link
+        target = target.resolve()
+    ancestor = next((p for p in target.parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        relation = "parent" if ancestor == target.parent else "ancestor"
+        state = "is a file" if ancestor.is_file() else "is not a directory"
+        raise AdapterError(f"{where}: argument 'path' expected a path whose parent is a "
+                           f"directory, got {str(target)!r}, but its {relation} "
+                           f"{str(ancestor)!r} {state}")
     if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()}
                                 <= {CONFIG_NAME, TENSORS_NAME}):
         raise AdapterError(f"{where}: argument 'path' expected a new directory or a saved "
@@ -233,31 +392,69 @@ def _staging_directory(target: Path) -> Path:
         return staging
 
 
-# -- loading -----------------------------------------------------------------------------------
-def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if not path.is_dir():
-        state = "is a file" if path.exists() else "does not exist"
-        raise AdapterError(f"{where}: argument 'path' expected a saved adapter directory, got "
-                           f"{str(path)!r}, which {state}")
-    missing = [n for n in (CONFIG_NAME, TENSORS_NAME) if not (path / n).is_file()]
-    if missing:
-        raise AdapterError(f"{where}: {str(path)!r} is not a saved adapter: "
-                           f"{', '.join(missing)} missing")
-    config = read_json(path, where)
-    _check_config(config, where)
-    tensors = read_tensors(path, where)
-    if _digest(tensors) != config["tensors_sha256"]:
-        raise AdapterError(f"{where}: {TENSORS_NAME} does not match the SHA-256 recorded in "
-                           f"{CONFIG_NAME} (corrupted, or not the file saved with it)")
-    return config, tensors
+# -- reading -----------------------------------------------------------------------------------
+class _Malformed(ValueError):
+    """Raised by the JSON hooks below; becomes a malformed-configuration AdapterError."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys: a second "alpha" would hide the first
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _Malformed(f"the key {brief(key)} appears twice in one object")
+        value[key] = item
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as inf
+        shown = text if len(text) <= 40 else text[:12] + "…"
+        raise _Malformed(f"the number {shown} is out of range (it reads as {value})")
+    return value
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise _Malformed(f"the integer {text[:12]}… has {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _json_constant(text: str) -> Any:
+    raise _Malformed(f"{text} is not a JSON number")  # NaN, Infinity, -Infinity
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children: Iterable[Any] = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def read_json(path: Path, where: str) -> Any:
-    """The parsed ``adapter_config.json`` of the directory ``path``."""
+    """The parsed ``adapter_config.json`` of the directory ``path``: strict JSON (no NaN or
+    infinities, no duplicate keys, no numbers out of range, at most 64 levels deep)."""
+    nested = f"malformed {CONFIG_NAME}: nested more than {_MAX_DEPTH} levels deep"
     try:
-        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        value = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"),
+                           object_pairs_hook=_json_object, parse_float=_json_float,
+                           parse_int=_json_int, parse_constant=_json_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    except _Malformed as error:
+        raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {error}") from None
+    except RecursionError:
+        raise AdapterError(f"{where}: {nested}") from None
+    if _too_deep(value, _MAX_DEPTH):
+        raise AdapterError(f"{where}: {nested}")
+    return value
 
 
 def read_tensors(path: Path, where: str) -> dict[str, Tensor]:
@@ -273,57 +470,105 @@ def read_tensors(path: Path, where: str) -> dict[str, Tensor]:
                            f"(truncated, corrupted or another format): {error}") from None
 
 
+# -- loading -----------------------------------------------------------------------------------
+def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not path.is_dir():
+        state = "is a file" if path.exists() else "does not exist"
+        raise AdapterError(f"{where}: argument 'path' expected a saved adapter directory, got "
+                           f"{str(path)!r}, which {state}")
+    missing = [n for n in (CONFIG_NAME, TENSORS_NAME) if not (path / n).is_file()]
+    if missing:
+        raise AdapterError(f"{where}: {str(path)!r} is not a saved adapter: "
+                           f"{', '.join(missing)} missing")
+    config = read_json(path, where)
+    _check_config(config, where)
+    if config["format_version"] >= 2 and _recipe_digest(config) != config["recipe_sha256"]:
+        raise AdapterError(f"{where}: {CONFIG_NAME} does not match the SHA-256 of its recipe "
+                           f"recorded in it ('recipe_sha256'): edited after it was saved, or "
+                           f"corrupted")
+    tensors = read_tensors(path, where)
+    if _digest(tensors) != config["tensors_sha256"]:
+        raise AdapterError(f"{where}: {TENSORS_NAME} does not match the SHA-256 recorded in "
+                           f"{CONFIG_NAME} (corrupted, or not the file saved with it)")
+    return config, tensors
+
+
 def _expect(condition: bool, where: str, what: str) -> None:
     if not condition:
         raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {what}")
 
 
+def _known_keys(value: dict[str, Any], keys: tuple[str, ...], where: str, what: str) -> None:
+    unknown = [k for k in value if k not in keys]
+    if unknown:
+        raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {what}the unknown key "
+                           f"{brief(unknown[0])}; expected {', '.join(map(repr, keys))}")
+
+
 def _check_config(config: Any, where: str) -> None:
+    """Types and ranges of every field (what needs the model, at :func:`_rebuild`)."""
     _expect(isinstance(config, dict), where, "expected a JSON object")
     if config.get("format") != FORMAT:
         raise AdapterError(f"{where}: {CONFIG_NAME} expected format {FORMAT!r}, got "
-                           f"{config.get('format')!r} (a PEFT adapter? use weightcond.from_peft)")
+                           f"{brief(config.get('format'))} (a PEFT adapter? use "
+                           f"weightcond.from_peft)")
     version = config.get("format_version")
-    _expect(isinstance(version, int) and 1 <= version <= FORMAT_VERSION, where,
-            f"format_version expected 1..{FORMAT_VERSION}, got {version!r} (saved by weightcond "
-            f"{config.get('weightcond_version')!r}; this is {_version()})")
+    _expect(is_int(version) and 1 <= version <= FORMAT_VERSION, where,
+            f"format_version expected 1..{FORMAT_VERSION}, got {brief(version)} (saved by "
+            f"weightcond {brief(config.get('weightcond_version'))}; this is {_version()})")
+    keys = _KEYS if version >= 2 else _KEYS[:-1]  # format 1 has no recipe digest
+    _known_keys(config, keys, where, "the configuration has ")
+    for key in ("weightcond_version", "torch_version", "model"):
+        _expect(isinstance(config.get(key), str), where,
+                f"{key!r} expected a str, got {brief(config.get(key))}")
     try:
         check_adapter_name(where, config.get("adapter_name"))
     except OptionError:
         _expect(False, where, f"'adapter_name' expected a name of letters, digits, '_' and '-', "
-                              f"got {config.get('adapter_name')!r}")
-    digest = config.get("tensors_sha256")
-    _expect(isinstance(digest, str) and len(digest) == 64, where,
-            f"'tensors_sha256' expected a SHA-256 hex digest, got {digest!r}")
+                              f"got {brief(config.get('adapter_name'))}")
+    for key in ("tensors_sha256", "recipe_sha256")[:version]:
+        digest = config.get(key)
+        _expect(isinstance(digest, str) and bool(_SHA256.fullmatch(digest)), where,
+                f"{key!r} expected a SHA-256 hex digest"
+                f"{' (format 2)' if key == 'recipe_sha256' else ''}, got {brief(digest)}")
     layers = config.get("layers")
     _expect(isinstance(layers, dict) and bool(layers), where, "'layers' expected a non-empty "
             "object")
     for name, record in layers.items():
-        at = f"layer {name!r}"
-        _expect(isinstance(record, dict), where, f"{at} expected an object")
-        _expect(isinstance(record.get("kind"), str), where, f"{at}: 'kind' expected a str")
-        shape = record.get("shape")
-        _expect(isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(v, int) and v > 0 for v in shape), where,
-                f"{at}: 'shape' expected [out, in]")
-        update = record.get("update")
-        _expect(update is None or (isinstance(update, dict)
-                                   and isinstance(update.get("rank"), int)
-                                   and isinstance(update.get("alpha"), (int, float))),
-                where, f"{at}: 'update' expected null or {{'rank': int, 'alpha': number}}")
-        entries = record.get("conditioners")
-        _expect(isinstance(entries, list), where, f"{at}: 'conditioners' expected a list")
-        for i, entry in enumerate(entries):
-            _expect(isinstance(entry, dict)
-                    and all(isinstance(entry.get(k), str)
-                            for k in ("placement", "side", "transform"))
-                    and isinstance(entry.get("options"), dict)
-                    and isinstance(entry.get("condition_bias"), bool), where,
-                    f"{at}: conditioner {i} expected placement, side, transform, options and "
-                    f"condition_bias")
-        _expect(isinstance(record.get("tensors"), list)
-                and all(isinstance(k, str) for k in record["tensors"]), where,
-                f"{at}: 'tensors' expected a list of names")
+        _check_record(f"layer {name!r}", record, where)
+
+
+def _check_record(at: str, record: Any, where: str) -> None:
+    _expect(isinstance(record, dict), where, f"{at} expected an object")
+    _known_keys(record, _RECORD_KEYS, where, f"{at} has ")
+    _expect(isinstance(record.get("kind"), str), where, f"{at}: 'kind' expected a str")
+    shape = record.get("shape")
+    _expect(isinstance(shape, list) and len(shape) == 2
+            and all(is_int(v) and v > 0 for v in shape), where,
+            f"{at}: 'shape' expected [out, in], got {brief(shape)}")
+    _expect(record.get("dtype") in _FLOAT_DTYPES, where,
+            f"{at}: 'dtype' expected one of {', '.join(map(repr, sorted(_FLOAT_DTYPES)))}, got "
+            f"{brief(record.get('dtype'))}")
+    update = record.get("update")
+    _expect(update is None or (isinstance(update, dict) and is_int(update.get("rank"))
+                               and is_finite_number(update.get("alpha"))),
+            where, f"{at}: 'update' expected null or {{'rank': int, 'alpha': number}}, got "
+                   f"{brief(update)}")
+    if update is not None:
+        _known_keys(update, _UPDATE_KEYS, where, f"{at}: 'update' has ")
+    entries = record.get("conditioners")
+    _expect(isinstance(entries, list), where, f"{at}: 'conditioners' expected a list")
+    for i, entry in enumerate(entries):
+        _expect(isinstance(entry, dict)
+                and all(isinstance(entry.get(k), str) for k in ("placement", "side", "transform"))
+                and isinstance(entry.get("options"), dict)
+                and isinstance(entry.get("condition_bias"), bool), where,
+                f"{at}: conditioner {i} expected placement, side, transform, options and "
+                f"condition_bias")
+        _known_keys(entry, _ENTRY_KEYS, where, f"{at}: conditioner {i} has ")
+    _expect(isinstance(record.get("tensors"), list)
+            and all(isinstance(k, str) for k in record["tensors"]), where,
+            f"{at}: 'tensors' expected a list of names")
 
 
 def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: str,
@@ -335,6 +580,8 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
         raise AdapterError(f"{where}: layer {name!r} expected a {record['kind']} of shape "
                            f"(out, in) = {tuple(record['shape'])}, got a {kind.name} of shape "
                            f"{shape} (an adapter for another model?)")
+    # the builders validate every value as registration does (ranges, and numbers the
+    # layer's dtype cannot hold: alpha = 1e308 in float32)
     conditioning = Conditioning(*shape)
     if record["update"] is not None:
         conditioning.update = _build_update(layer, where, rank=record["update"]["rank"],
@@ -356,13 +603,24 @@ def _fill(name: str, conditioning: Conditioning, record: dict[str, Any],
     if sorted(state) != sorted(record["tensors"]):
         raise AdapterError(f"{where}: layer {name!r}: the rebuilt adapter has tensors "
                            f"{sorted(state)}, the configuration lists {sorted(record['tensors'])}")
+    saved = _FLOAT_DTYPES[record["dtype"]]
     loaded = {}
     for key, expected in state.items():
-        value = tensors[f"{name}.{key}"]
+        full = f"{name}.{key}"
+        value = tensors[full]
+        # a floating tensor is saved in the layer's dtype; anything else is not cast to it
+        floating = expected.is_floating_point()
+        dtype = saved if floating else expected.dtype
+        if value.dtype != dtype:
+            whose = f" (the layer's 'dtype' in {CONFIG_NAME})" if floating else ""
+            raise AdapterError(f"{where}: tensor {full!r} expected dtype {_dtype_name(dtype)}"
+                               f"{whose}, got {_dtype_name(value.dtype)}")
+        if floating:
+            check_tensor(where, full, value)
         if tuple(value.shape) != tuple(expected.shape):
-            raise AdapterError(f"{where}: tensor {name + '.' + key!r} expected shape "
+            raise AdapterError(f"{where}: tensor {full!r} expected shape "
                                f"{tuple(expected.shape)}, got {tuple(value.shape)}")
-        loaded[key] = value.to(dtype=expected.dtype, device=expected.device)
+        loaded[key] = cast_finite(where, full, value, expected, "the model's dtype")
     conditioning.load_state_dict(loaded, strict=True)
 
 
@@ -380,10 +638,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
 
     Raises:
         weightcond.AdapterError: a missing, truncated or corrupted file, one that is not a
-            saved adapter, a malformed configuration, missing or extra tensors or layers,
-            other shapes or layer types, an unknown transform or option; the model is left
-            exactly as it was. Nothing is unpickled.
+            saved adapter, a malformed configuration (too deep, duplicate keys, NaN or
+            out-of-range numbers, a field of the wrong type or range, unknown keys), a
+            recipe or tensors that do not match their SHA-256, missing or extra tensors or
+            layers, tensors of another dtype or shape or with NaN or infinite values, other
+            layer types, an unknown transform or option; the model is left exactly as it
+            was. Nothing is unpickled.
         weightcond.StateError: a layer already has an adapter of that name.
+        weightcond.LayerTypeError: ``model`` is not a module.
 
     Example:
         >>> import tempfile, torch, weightcond as wc
@@ -404,7 +666,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     from .model import _activate
 
     where = "load_adapter"
-    config, tensors = _read(Path(path), where)
+    check_model(where, model)
+    config, tensors = _read(check_path(where, path), where)
     name = config["adapter_name"] if adapter_name is None else adapter_name
     check_adapter_name(where, name)
     records: dict[str, dict[str, Any]] = config["layers"]

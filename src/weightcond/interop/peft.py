@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,22 @@ from ..errors import (
     StateError,
     UnknownNameError,
     WeightcondError,
+    check_bool,
+    check_int,
+    check_positive,
 )
 from ..io import (
     CONFIG_NAME,
     TENSORS_NAME,
     _adapter_layers,
     _write_atomically,
+    brief,
+    cast_finite,
+    check_model,
+    check_path,
+    check_tensor,
+    is_finite_number,
+    is_int,
     read_json,
     read_tensors,
 )
@@ -60,22 +70,56 @@ _OPTIONS = {"lora": {"lora_alpha"}, "dora": {"lora_alpha"}, "hra": {"apply_GS"},
                     "num_cayley_neumann_terms"}}
 _REQUIRED = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
              "oft": ("oft_R",), "hra": ("hra_u",), "boft": ("boft_R", "boft_s")}
+# the dimensions of PEFT's tensors (a convolution's LoRA factors flattened to matrices);
+# boft_s, (out, 1) or (1, out), is read flat
+_NDIM = {"lora_A": 2, "lora_B": 2, "lora_magnitude_vector": 1, "oft_R": 2, "hra_u": 2,
+         "boft_R": 4}
 
 
-def _take(tensors: Mapping[str, Tensor], method: str) -> dict[str, Tensor]:
+def _take(tensors: Any, method: str) -> dict[str, Tensor]:
     where = f"from_peft_tensors({method!r})"
+    if not isinstance(tensors, Mapping):
+        raise OptionError(f"{where}: argument 'tensors' expected a mapping of names to tensors, "
+                          f"got {type(tensors).__name__}")
     missing = [k for k in _REQUIRED[method] if k not in tensors]
-    extra = sorted(set(tensors) - set(_REQUIRED[method]))
+    extra = sorted(map(str, set(tensors) - set(_REQUIRED[method])))
     if missing or extra:
         raise OptionError(f"{where}: argument 'tensors' expected the keys "
-                          f"{list(_REQUIRED[method])}, got {sorted(tensors)}")
-    return {k: tensors[k] for k in _REQUIRED[method]}
+                          f"{list(_REQUIRED[method])}, got {sorted(map(str, tensors))}")
+    taken = {k: check_tensor(where, k, tensors[k], error=OptionError) for k in _REQUIRED[method]}
+    for key, value in taken.items():
+        if key in _NDIM and value.ndim != _NDIM[key]:
+            raise ShapeError(f"{where}: tensor {key!r} expected {_NDIM[key]} dimensions, got "
+                             f"shape {tuple(value.shape)}")
+    if method == "boft" and taken["boft_R"].shape[-1] != taken["boft_R"].shape[-2]:
+        raise ShapeError(f"{where}: tensor 'boft_R' expected square blocks (factors, blocks, "
+                         f"b, b), got shape {tuple(taken['boft_R'].shape)}")
+    return taken
+
+
+def _check_options(config: dict[str, Any], where: str) -> None:
+    """PEFT's options of :func:`from_peft_tensors`: types and ranges (``"false"`` is not
+    ``False``, ``True`` is not an alpha of 1)."""
+    for key, value in config.items():
+        if key in ("block_share", "use_cayley_neumann", "apply_GS"):
+            check_bool(where, key, value)
+        elif key == "lora_alpha":
+            if not is_finite_number(value):  # before check_positive: float(10**400) overflows
+                raise OptionError(f"{where}: argument {key!r} expected a finite number > 0, "
+                                  f"got {brief(value)}")
+            check_positive(where, key, value)
+        elif key == "oft_block_size":
+            if value is not None:
+                check_int(where, key, value, low=0)
+        else:  # num_cayley_neumann_terms
+            check_int(where, key, value)
 
 
 def _copy(where: str, name: str, target: nn.Parameter, value: Tensor) -> None:
     if tuple(target.shape) != tuple(value.shape):
         raise ShapeError(f"{where}: tensor {name!r} expected shape {tuple(target.shape)}, got "
                          f"{tuple(value.shape)}")
+    value = cast_finite(where, name, value, target, "the layer's dtype", error=OptionError)
     with torch.no_grad():
         target.copy_(value)
 
@@ -96,8 +140,10 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
             ``num_cayley_neumann_terms`` (OFT); ``apply_GS`` (HRA).
 
     Raises:
-        weightcond.WeightcondError: unknown method or options, missing or extra tensors,
-            wrong shapes, a layer that already has the adapter; the layer is left as it was.
+        weightcond.WeightcondError: unknown method or options, options of the wrong type,
+            missing or extra tensors, tensors that are not floating-point, not finite (or not
+            in the layer's dtype) or of the wrong shape, a layer that already has the
+            adapter; the layer is left as it was.
 
     Returns:
         The :class:`~weightcond.presets.Applied` record.
@@ -110,14 +156,15 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
         >>> applied.update.scaling
         2.0
     """
-    where = f"from_peft_tensors({method!r})"
-    if method not in _REQUIRED:
+    if not isinstance(method, str) or method not in _REQUIRED:
         raise UnknownNameError(f"from_peft_tensors: argument 'method' expected one of "
-                               f"{', '.join(map(repr, _REQUIRED))}, got {method!r}")
+                               f"{', '.join(map(repr, _REQUIRED))}, got {brief(method)}")
+    where = f"from_peft_tensors({method!r})"
     unknown = sorted(set(config) - _OPTIONS[method])
     if unknown:
         raise UnknownNameError(f"{where}: unknown options {unknown}; expected some of "
                                f"{sorted(_OPTIONS[method])}")
+    _check_options(config, where)
     check_adapter_name(where, adapter_name)
     previous = _adapters(layer).active if is_conditioned(layer) else None
     if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
@@ -200,13 +247,20 @@ _UNSUPPORTED = ("modules_to_save", "lora_bias", "use_qalora", "layer_replication
                 "alora_invocation_tokens", "arrow_config", "coft")
 
 
+def _field(config: Mapping[str, Any], key: str, ok: bool, what: str, where: str) -> None:
+    if not ok:
+        raise AdapterError(f"{where}: {CONFIG_NAME} expected {key!r} to be {what}, got "
+                           f"{brief(config.get(key))}")
+
+
 def _method(config: Mapping[str, Any], where: str) -> str:
     kind = config.get("peft_type")
+    _field(config, "use_dora", isinstance(config.get("use_dora", False), bool), "a bool", where)
     methods = {"LORA": "dora" if config.get("use_dora") else "lora", "OFT": "oft", "HRA": "hra",
                "BOFT": "boft"}
-    if kind not in methods:
+    if not isinstance(kind, str) or kind not in methods:
         raise AdapterError(f"{where}: {CONFIG_NAME} expected peft_type one of "
-                           f"{', '.join(map(repr, methods))}, got {kind!r}")
+                           f"{', '.join(map(repr, methods))}, got {brief(kind)}")
     bad = [k for k in _UNSUPPORTED if config.get(k)]
     if config.get("bias", "none") != "none":
         bad.append("bias")
@@ -214,6 +268,61 @@ def _method(config: Mapping[str, Any], where: str) -> str:
         raise AdapterError(f"{where}: the PEFT adapter uses {', '.join(map(repr, bad))}, which "
                            f"weightcond does not import")
     return methods[kind]
+
+
+_BOOLS = ("use_rslora", "block_share", "use_cayley_neumann", "apply_GS")
+
+
+def _check_patterns(config: Mapping[str, Any], key: str, valid: Callable[[Any], bool],
+                    what: str, where: str) -> None:
+    """``rank_pattern``/``alpha_pattern``: null or an object of regular expressions (as PEFT
+    matches them, :func:`_pattern_value`) to values."""
+    patterns = config.get(key)
+    _field(config, key, patterns is None or (isinstance(patterns, dict)
+                                             and all(map(valid, patterns.values()))),
+           f"null or an object mapping module-name patterns to {what}", where)
+    for pattern in patterns or {}:
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except (re.error, RecursionError, OverflowError) as error:
+            raise AdapterError(f"{where}: {CONFIG_NAME} {key!r} has the key {brief(pattern)}, "
+                               f"which is not a valid regular expression ({error})") from None
+
+
+def _check_peft_config(config: Mapping[str, Any], method: str, where: str) -> None:
+    """Types and ranges of the options :func:`from_peft` reads, before any layer changes:
+    ``"false"`` is not ``False`` and ``True`` is not an alpha of 1."""
+    for key in _BOOLS:
+        _field(config, key, isinstance(config.get(key, False), bool), "a bool", where)
+    if method in ("lora", "dora"):
+        alpha = config.get("lora_alpha", 8)
+        _field(config, "lora_alpha", is_finite_number(alpha) and alpha > 0,
+               "a finite number > 0", where)
+        if "r" in config:
+            _field(config, "r", is_int(config["r"]) and config["r"] >= 1, "an int >= 1", where)
+    _check_patterns(config, "alpha_pattern", lambda v: is_finite_number(v) and v > 0,
+                    "numbers > 0", where)
+    _check_patterns(config, "rank_pattern", lambda v: is_int(v) and v >= 1, "ints >= 1", where)
+    if method == "oft":
+        size = config.get("oft_block_size")
+        _field(config, "oft_block_size", size is None or (is_int(size) and size >= 0),
+               "null or an int >= 0", where)
+        terms = config.get("num_cayley_neumann_terms", 5)
+        _field(config, "num_cayley_neumann_terms", is_int(terms) and terms >= 1, "an int >= 1",
+               where)
+
+
+def _check_rank(config: Mapping[str, Any], name: str, given: Mapping[str, Tensor],
+                where: str) -> None:
+    """The rank of a LoRA layer's tensors is the one its configuration gives it (``r``, or a
+    ``rank_pattern`` entry): PEFT refuses other tensors, and ``use_rslora`` scales by it."""
+    lora_a = given.get("lora_A")
+    if "r" not in config or lora_a is None or lora_a.ndim != 2:
+        return  # from_peft_tensors says what is missing or misshapen
+    expected = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+    if lora_a.shape[0] != expected:
+        raise AdapterError(f"{where}: layer {name!r}: lora_A has rank {lora_a.shape[0]}, but "
+                           f"{CONFIG_NAME} gives it rank {expected} ('r' and 'rank_pattern')")
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -234,11 +343,11 @@ def _layer_options(method: str, config: Mapping[str, Any], name: str, rank: int
         return {"lora_alpha": alpha}
     if method == "oft":
         return {"oft_block_size": config.get("oft_block_size") or None,
-                "block_share": bool(config.get("block_share", False)),
-                "use_cayley_neumann": bool(config.get("use_cayley_neumann", False)),
+                "block_share": config.get("block_share", False),
+                "use_cayley_neumann": config.get("use_cayley_neumann", False),
                 "num_cayley_neumann_terms": config.get("num_cayley_neumann_terms", 5)}
     if method == "hra":
-        return {"apply_GS": bool(config.get("apply_GS", False))}
+        return {"apply_GS": config.get("apply_GS", False)}
     return {}
 
 
@@ -258,16 +367,25 @@ def _read_peft(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor
 
 
 def _group(tensors: Mapping[str, Tensor], where: str) -> dict[str, dict[str, Tensor]]:
-    """PEFT's flat tensor names grouped by layer name."""
+    """PEFT's flat tensor names grouped by layer name; each tensor floating-point and
+    finite, and each of a layer's tensors given once (``oft_R`` and ``oft_R.weight`` are
+    two names of one tensor)."""
     grouped: dict[str, dict[str, Tensor]] = {}
+    sources: dict[tuple[str, str], str] = {}
     for key, value in tensors.items():
         suffix = next((s for s in sorted(_SUFFIXES, key=len, reverse=True)
                        if key.endswith("." + s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
             raise AdapterError(f"{where}: unexpected tensor {key!r} in {TENSORS_NAME} (expected "
                                f"'{_PREFIX}<module>.<{'|'.join(sorted(set(_SUFFIXES.values())))}>')")
-        layer = key[len(_PREFIX):-len(suffix) - 1]
-        grouped.setdefault(layer, {})[_SUFFIXES[suffix]] = value
+        check_tensor(where, key, value)
+        layer, slot = key[len(_PREFIX):-len(suffix) - 1], _SUFFIXES[suffix]
+        if (layer, slot) in sources:
+            first, second = sorted((sources[layer, slot], key))
+            raise AdapterError(f"{where}: {TENSORS_NAME} has two tensors for {slot!r} of layer "
+                               f"{layer!r}: {first!r}, {second!r}")
+        sources[layer, slot] = key
+        grouped.setdefault(layer, {})[slot] = value
     return grouped
 
 
@@ -288,15 +406,22 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
 
     Raises:
         weightcond.AdapterError: not a PEFT safetensors adapter, an unsupported method or
-            option (``modules_to_save``, trained biases, ...), tensors for layers the model
-            does not have, wrong shapes; the model is left as it was.
+            option (``modules_to_save``, trained biases, ...), a malformed configuration (an
+            option of the wrong type, a pattern that is not a regular expression, a rank
+            other than the tensors'), tensors for layers the model does not have, tensors
+            that are not floating-point or not finite, wrong shapes; the model is left as it
+            was.
+        weightcond.LayerTypeError: ``model`` is not a module.
     """
     from ..model import _activate
 
     where = "from_peft"
+    check_model(where, model)
+    folder = check_path(where, path)
     check_adapter_name(where, adapter_name)
-    config, tensors = _read_peft(Path(path), where)
+    config, tensors = _read_peft(folder, where)
     method = _method(config, where)
+    _check_peft_config(config, method, where)
     grouped = _group(tensors, where)
     modules = dict(model.named_modules())
     absent = [n for n in grouped if n not in modules]
@@ -307,8 +432,11 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
     try:
         for name, given in grouped.items():
             layer = modules[name]
-            given = {k: _FLATTEN[k](v) if k in _FLATTEN else v for k, v in given.items()}
-            rank = given["lora_A"].shape[0] if "lora_A" in given else 0
+            given = {k: _FLATTEN[k](v) if k in _FLATTEN and v.ndim else v
+                     for k, v in given.items()}
+            if method in ("lora", "dora"):
+                _check_rank(config, name, given, where)
+            rank = given["lora_A"].shape[0] if "lora_A" in given and given["lora_A"].ndim else 0
             previous = _adapters(layer).active if is_conditioned(layer) else None
             try:
                 from_peft_tensors(layer, method, given, adapter_name=adapter_name,
@@ -365,9 +493,14 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
 
     Raises:
         weightcond.AdapterError: a layer conditioned otherwise than ``lora``/``dora`` (PEFT
-            cannot express it), a mix of the two, a grouped convolution, no such adapter.
+            cannot express it), a mix of the two, a grouped convolution, no such adapter, a
+            tensor with NaN or infinite values; ``path`` as for
+            :func:`weightcond.save_adapter`.
+        weightcond.LayerTypeError: ``model`` is not a module.
     """
     where = "to_peft"
+    check_model(where, model)
+    target = check_path(where, path)
     _, found = _adapter_layers(model, adapter_name, where)
     kinds = {name: _export_kind(name, layer, c, where) for name, layer, c in found}
     if len(set(kinds.values())) > 1:
@@ -406,7 +539,6 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(conv1d),
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
-    target = Path(path)
     from safetensors.torch import save_file
 
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
