@@ -496,3 +496,54 @@ def test_pickling_a_conditioned_model_names_the_supported_ways(save: str) -> Non
     wc.merge(twin)
     pickle.loads(pickle.dumps(twin))  # a merged model is plain again
     assert wc.is_conditioned(model.proj)
+
+
+class _FailsToInitialize(wc.transforms.Transform):
+    """A norm-tied transform whose initialisation fails (user code), for the rollback."""
+
+    norm_tied = True
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.magnitude = torch.nn.Parameter(torch.ones(dim))
+
+    def diagonal(self, norms=None):
+        return self.magnitude
+
+    def initialize(self, norms: torch.Tensor) -> None:
+        raise ValueError("user code failed")
+
+
+@pytest.mark.parametrize("before", ["plain", "other-adapter", "same-adapter"])
+def test_a_preset_whose_conditioner_fails_to_attach_leaves_the_layer_as_it_was(before) -> None:
+    """apply_preset attached the update and the conditioners one by one, with no rollback:
+    a failure in the last left the first ones registered."""
+    from weightcond.presets import ConditionerSpec, Preset
+
+    layer = torch.nn.Linear(8, 6)
+    if before == "other-adapter":
+        wc.apply_preset(layer, "lora", rank=2, adapter_name="first")
+    elif before == "same-adapter":
+        wc.register_conditioning(layer, side="right", transform="diag")
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    tensors = [id(t) for t in layer.parameters()]
+    cls = type(layer)
+    names = wc.adapter_names(layer)
+    active = layer.parametrizations.weight[0].active if before != "plain" else None
+    preset = Preset(name="failing", formula="", update=True, conditioners=(
+        ConditionerSpec("pre", "left", "diag"),
+        ConditionerSpec("post", "left", _FailsToInitialize)))
+    with pytest.raises(ValueError, match="user code failed"):
+        wc.apply_preset(layer, preset, rank=2)
+    assert type(layer) is cls
+    assert [id(t) for t in layer.parameters()] == tensors
+    assert layer.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    assert wc.adapter_names(layer) == names
+    if before == "plain":
+        assert not wc.is_conditioned(layer)
+    else:
+        assert layer.parametrizations.weight[0].active == active
+        assert [c.transform.name for c in wc.conditioners(layer)] == \
+            (["diag"] if before == "same-adapter" else [])
+        assert (wc.get_update(layer) is None) == (before == "same-adapter")

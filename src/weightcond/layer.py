@@ -637,6 +637,46 @@ def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
     conditioner.transform._weightcond_attached = True
 
 
+def attach_all(layer: nn.Module, update: LowRankUpdate | None, built: list[Conditioner],
+               adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Attach ``update`` (if any), then the conditioners ``built``, to the adapter
+    ``adapter_name``: all or nothing. When one fails (user code in a transform's
+    ``initialize``), those attached before it are removed again and the layer is left as it
+    was (its class, its tensors, its adapters and which one is active)."""
+    was_conditioned = is_conditioned(layer)
+    was_present = was_conditioned and adapter_name in _adapters(layer).adapters
+    previous_active = _adapters(layer).active if was_conditioned else None
+    previous_update = _adapters(layer).adapters[adapter_name].update if was_present else None
+    attached: list[Conditioner] = []
+    try:
+        if update is not None:
+            _attach_update(layer, update, adapter_name)
+        for conditioner in built:
+            _attach_conditioner(layer, conditioner, adapter_name)
+            attached.append(conditioner)
+    except Exception:
+        for conditioner in attached:
+            conditioner.transform._weightcond_attached = False
+        if not is_conditioned(layer):
+            raise
+        if not was_conditioned:
+            _strip(layer)
+            raise
+        adapters = _adapters(layer)
+        if not was_present:
+            if adapter_name in adapters.adapters:
+                del adapters.adapters[adapter_name]
+        else:
+            conditioning = adapters.adapters[adapter_name]
+            conditioning.update = previous_update
+            for conditioner in attached:
+                stage = conditioning.stage(Stage(conditioner.placement))
+                del stage[next(i for i, c in enumerate(stage) if c is conditioner)]
+        adapters.active = previous_active
+        _drop_unused_bias(layer)
+        raise
+
+
 def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str = "left",
                           transform: str | type[Transform] | Transform,
                           condition_bias: bool = False, adapter_name: str = DEFAULT_ADAPTER,

@@ -18,10 +18,9 @@ from torch import nn
 from .errors import UnknownNameError, check_bool
 from .layer import (
     DEFAULT_ADAPTER,
-    _attach_conditioner,
-    _attach_update,
     _build_conditioner,
     _build_update,
+    attach_all,
     check_adapter_name,
 )
 from .placement import Conditioner
@@ -142,34 +141,44 @@ _preset(Preset(
 
 
 _preset(Preset(
-    name="oft", formula="W' = W·R, R = blockdiag(cayley(S_1), …) on the input side",
+    name="oft", formula="W' = W·R, R = blockdiag(cayley(2·S_1), …) on the input side",
     update=False,
     conditioners=(ConditionerSpec("pre", "right", "block", {
         "block_size": Option("block_size"), "map": Option("map"),
-        "share": Option("block_share"), "terms": Option("neumann_terms")}),),
-    defaults={"block_size": None, "map": "cayley", "block_share": False, "neumann_terms": 5},
+        "share": Option("block_share"), "terms": Option("neumann_terms"),
+        "scale": Option("scale")}),),
+    defaults={"block_size": None, "map": "cayley", "block_share": False, "neumann_terms": 5,
+              "scale": 2.0},
     reference="Qiu et al., OFT, arXiv 2306.07280",
-    peer="OFTConfig(r=0, oft_block_size=b, use_cayley_neumann=False, block_share=...)",
-    differences="equal outputs, gradients (ours × 2) and merged weight with our generator = "
-                "2 × oft_R (PEFT's (I - Q)(I + Q)⁻¹ on rows is our cayley(2Q) on columns); "
-                "PEFT's Neumann path approximates the inverse of its exact path, ours "
-                "(map='cayley_neumann') approximates our exact Cayley; no coft/dropout"))
+    peer="OFTConfig(r=0, oft_block_size=b, use_cayley_neumann=False, block_share=...); "
+         "with map='cayley_neumann' and neumann_terms=t, use_cayley_neumann=True, "
+         "num_cayley_neumann_terms=t",
+    differences="PEFT's parametrization: our generator is oft_R (scale=2: PEFT's "
+                "(I - Q)(I + Q)⁻¹ on rows is our cayley(2Q) on columns), so outputs, "
+                "gradients, merged weight and the training trajectory under the same "
+                "optimizer are PEFT's; PEFT's Neumann path approximates the inverse of its "
+                "exact path (the same trajectory with our generator = -oft_R); scale=1 needs "
+                "4 × the learning rate under SGD, 2 × under Adam; no coft/dropout"))
 _preset(Preset(
-    name="boft", formula="W' = diag(s)·W·Q, Q = Π_i P_i blockdiag(cayley(S_i,j)) P_iᵀ",
+    name="boft", formula="W' = diag(s)·W·Q, Q = Π_i P_i blockdiag(cayley(D_i,j − D_i,jᵀ)) P_iᵀ",
     update=False,
     conditioners=(
         ConditionerSpec("pre", "right", "butterfly", {
             "block_size": Option("block_size"), "factors": Option("butterfly_factors"),
-            "map": Option("map")}),
+            "map": Option("map"), "full": Option("full_blocks")}),
         ConditionerSpec("post", "left", "diag"),
     ),
-    defaults={"block_size": None, "butterfly_factors": 1, "map": "cayley"},
+    defaults={"block_size": None, "butterfly_factors": 1, "map": "cayley", "full_blocks": True},
     reference="Liu et al., BOFT, arXiv 2311.06243",
     peer="BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m)",
-    differences="our generator is the upper triangle of boft_R − boft_Rᵀ (a skew matrix "
-                "stored once, not a full block) and the scale is boft_s; permutations are "
-                "index gathers, not dense matrices; PEFT runs m > 1 only with its CUDA "
-                "extension (tested against its own construction); no multiplicative dropout"))
+    differences="PEFT's parametrization: the full blocks D are boft_R (full_blocks=True), "
+                "the scale is boft_s, so outputs, gradients, merged weight, trainable count "
+                "and the training trajectory are PEFT's; full_blocks=False stores each skew "
+                "block once (half the parameters, the same rotations; under Adam one entry "
+                "moves S half as far as PEFT's pair, so use 2 × the learning rate); "
+                "permutations are index gathers, not dense matrices; PEFT runs m > 1 only "
+                "with its CUDA extension (tested against its own construction); no "
+                "multiplicative dropout"))
 _preset(Preset(
     name="hra", formula="W' = W·H_1⋯H_k, H_i = I − 2 u_i u_iᵀ/‖u_i‖²", update=False,
     conditioners=(ConditionerSpec("pre", "right", "householder", {
@@ -205,9 +214,10 @@ def apply_preset(layer: nn.Module, name: str | Preset, *, adapter_name: str = DE
       ``map="cayley"``, ``temperature=True``.
     * ``oft``: :math:`W' = W R`, :math:`R` block-diagonal Cayley rotations (``block_size``,
       ``map="cayley"``, ``block_share=False``, ``neumann_terms=5`` for
-      ``map="cayley_neumann"``); no update.
+      ``map="cayley_neumann"``, ``scale=2``: PEFT's parametrization); no update.
     * ``boft``: :math:`W' = \operatorname{diag}(s) W Q`, :math:`Q` a butterfly product of
-      block rotations (``block_size``, ``butterfly_factors=1``, ``map="cayley"``); no update.
+      block rotations (``block_size``, ``butterfly_factors=1``, ``map="cayley"``,
+      ``full_blocks=True``: PEFT's parametrization); no update.
     * ``hra``: :math:`W' = W H_1 \cdots H_k` (``reflections=8``, ``gram_schmidt=False``);
       no update.
     * ``goft``: :math:`W' = W G`, rounds of Givens rotations (``rounds``); no update.
@@ -252,8 +262,5 @@ def apply_preset(layer: nn.Module, name: str | Preset, *, adapter_name: str = DE
                            options={k: _resolve(v, values) for k, v in spec.options.items()})
         for spec in preset.conditioners
     ]
-    if update is not None:
-        _attach_update(layer, update, adapter_name)
-    for conditioner in built:
-        _attach_conditioner(layer, conditioner, adapter_name)
+    attach_all(layer, update, built, adapter_name)  # all or nothing
     return Applied(update, tuple(built))

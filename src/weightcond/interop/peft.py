@@ -8,17 +8,20 @@ equal outputs against the installed ``peft``:
 
 * LoRA / DoRA: ``lora_A`` → ``A``, ``lora_B`` → ``B``, ``lora_magnitude_vector`` → the
   magnitude; ``alpha`` is PEFT's ``lora_alpha``.
-* OFT, exact path (``use_cayley_neumann=False``): PEFT rotates row vectors by
-  :math:`(I - Q)(I + Q)^{-1}`, which on columns is our ``cayley(2Q)``: our generator is
-  ``2 · oft_R``. PEFT's Neumann path approximates the inverse of that rotation (DESIGN §6),
-  so it maps to our ``"cayley_neumann"`` map with the generator ``-2 · oft_R`` and the same
-  number of terms; the two truncations differ in the weight of the last term (PEFT gives
-  it 1, ours 2), a difference of order :math:`\\|Q\\|^{\\text{terms}-1}`.
+* OFT: ``oft_R`` → the ``block`` generator, as it is: the ``oft`` preset has PEFT's
+  parametrization (``scale=2``). PEFT's exact path (``use_cayley_neumann=False``) rotates
+  row vectors by :math:`(I - Q)(I + Q)^{-1}`, which on columns is our
+  ``cayley(2Q)``. Its Neumann path (``use_cayley_neumann=True``, PEFT's default, also when
+  the field is absent) applies its truncated series to :math:`Q` where the exact path
+  inverts :math:`I + Q`, so it approximates the *inverse* of the exact rotation (DESIGN
+  §6): our ``map="cayley_neumann"`` (the same series, term for term) with ``scale=-2``.
+  Outputs, gradients, merged weight and training under the same optimizer are PEFT's.
 * HRA: ``hra_u`` → ``U`` of the right Householder product (``apply_GS`` → our
   ``gram_schmidt``).
-* BOFT: ``boft_R`` (full blocks :math:`D`) → the butterfly generator, the upper triangle
-  of :math:`D - D^\top` (PEFT's Cayley of :math:`(D - D^\top)/2` on row vectors is our
-  Cayley of :math:`D - D^\top` on columns); ``boft_s`` → the output ``diag``.
+* BOFT: ``boft_R`` (full blocks :math:`D`) → the butterfly generator's full blocks (the
+  ``boft`` preset's ``full_blocks=True``; PEFT's Cayley of :math:`(D - D^\top)/2` on row
+  vectors is our Cayley of :math:`D - D^\top` on columns); ``boft_s`` → the output
+  ``diag``.
 """
 
 from __future__ import annotations
@@ -135,9 +138,10 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
             name (``lora_A``/``lora_B`` as the ``(r, in)``/``(out, r)`` weights,
             ``lora_magnitude_vector``, ``oft_R``, ``boft_R``, ``boft_s``, ``hra_u``).
         adapter_name: the weightcond adapter to build (it becomes the active one).
-        **config: PEFT's options: ``lora_alpha`` (LoRA/DoRA); ``oft_block_size`` (inferred
-            from ``oft_R`` when omitted), ``block_share``, ``use_cayley_neumann``,
-            ``num_cayley_neumann_terms`` (OFT); ``apply_GS`` (HRA).
+        **config: PEFT's options, with PEFT's defaults: ``lora_alpha`` (LoRA/DoRA);
+            ``oft_block_size`` (inferred from ``oft_R`` when omitted), ``block_share``,
+            ``use_cayley_neumann`` (default ``True``, as PEFT's ``OFTConfig``),
+            ``num_cayley_neumann_terms`` (default 5) (OFT); ``apply_GS`` (HRA).
 
     Raises:
         weightcond.WeightcondError: unknown method or options, options of the wrong type,
@@ -203,22 +207,20 @@ def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[
     if method == "oft":
         entries = given["oft_R"].shape[-1]  # b(b-1)/2
         block_size = config.get("oft_block_size") or round((1 + math.sqrt(1 + 8 * entries)) / 2)
-        neumann = config.get("use_cayley_neumann", False)
+        neumann = config.get("use_cayley_neumann", True)  # PEFT's default
         applied = apply("oft", block_size=block_size,
                         block_share=config.get("block_share", False),
                         map="cayley_neumann" if neumann else "cayley",
-                        neumann_terms=config.get("num_cayley_neumann_terms", 5))
-        sign = -2.0 if neumann else 2.0
-        _copy(where, "oft_R", applied.conditioners[0].transform.generator,
-              sign * given["oft_R"])
+                        neumann_terms=config.get("num_cayley_neumann_terms", 5),
+                        scale=-2.0 if neumann else 2.0)
+        _copy(where, "oft_R", applied.conditioners[0].transform.generator, given["oft_R"])
         return applied
     if method == "boft":
         d = given["boft_R"]  # (factors, blocks, b, b), PEFT's full blocks
-        b = d.shape[-1]
-        rows, cols = torch.triu_indices(b, b, 1)
-        applied = apply("boft", block_size=b, butterfly_factors=d.shape[0])
+        applied = apply("boft", block_size=d.shape[-1], butterfly_factors=d.shape[0],
+                        full_blocks=True)
         butterfly, scale = (c.transform for c in applied.conditioners)
-        _copy(where, "boft_R", butterfly.generator, (d - d.mT)[..., rows, cols])
+        _copy(where, "boft_R", butterfly.generator, d)
         _copy(where, "boft_s", scale.scale, given["boft_s"].reshape(-1))
         return applied
     applied = apply("hra", reflections=given["hra_u"].shape[1],
@@ -344,7 +346,7 @@ def _layer_options(method: str, config: Mapping[str, Any], name: str, rank: int
     if method == "oft":
         return {"oft_block_size": config.get("oft_block_size") or None,
                 "block_share": config.get("block_share", False),
-                "use_cayley_neumann": config.get("use_cayley_neumann", False),
+                "use_cayley_neumann": config.get("use_cayley_neumann", True),  # PEFT's default
                 "num_cayley_neumann_terms": config.get("num_cayley_neumann_terms", 5)}
     if method == "hra":
         return {"apply_GS": config.get("apply_GS", False)}

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError, check_bool, check_int
+from ..errors import OptionError, ShapeError, check_bool, check_int
 from . import register_transform
 from .base import Transform, compute_dtype, require_plane
 from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
@@ -28,18 +28,43 @@ def skew_index(block_size: int) -> Tensor:
     return index.flatten()
 
 
-def skew_blocks(generator: Tensor, index: Tensor, map: Callable[[Tensor], Tensor]) -> Tensor:
-    """``map(S_i)`` for skew ``S_i`` whose upper triangles are the rows of ``generator``
-    (``(..., b(b-1)/2)`` → ``(..., b, b)``, ``index`` from :func:`skew_index`), computed in
-    the solve dtype.
+def skew_blocks(generator: Tensor, index: Tensor, map: Callable[[Tensor], Tensor], *,
+                scale: float = 1.0, full: bool = False) -> Tensor:
+    """``map(S_i)`` for the skew blocks ``S_i`` of ``generator``, computed in the solve dtype:
+    ``S_i = scale · (U_i - U_iᵀ)`` with ``U_i`` the upper triangle whose entries are the rows
+    of ``generator`` (``(..., b(b-1)/2)`` → ``(..., b, b)``, ``index`` from
+    :func:`skew_index`), or with ``full``, ``S_i = scale · (D_i - D_iᵀ)`` for the full
+    ``(..., b, b)`` blocks ``D_i`` of ``generator`` (PEFT's BOFT parametrization).
 
-    Each ``S_i`` is one gather from ``[0, g_i, -g_i]`` (its backward one scatter-add)
-    instead of a zero matrix filled at the triangle's indices minus its transpose."""
+    Each triangular ``S_i`` is one gather from ``[0, g_i, -g_i]`` (its backward one
+    scatter-add) instead of a zero matrix filled at the triangle's indices minus its
+    transpose."""
     g = generator.to(compute_dtype(generator.dtype))
-    signed = torch.cat([g.new_zeros(*g.shape[:-1], 1), g, -g], dim=-1)
-    s = signed.index_select(-1, index)
-    b = math.isqrt(index.numel())
-    return map(s.unflatten(-1, (b, b)))
+    if full:
+        s = g - g.mT
+    else:
+        signed = torch.cat([g.new_zeros(*g.shape[:-1], 1), g, -g], dim=-1)
+        b = math.isqrt(index.numel())
+        s = signed.index_select(-1, index).unflatten(-1, (b, b))
+    return map(s if scale == 1.0 else scale * s)
+
+
+def check_scale(where: str, scale: object) -> float:
+    """Return ``float(scale)`` if it is a finite non-zero real number, else raise."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale == 0 \
+            or not math.isfinite(scale):
+        raise OptionError(f"{where}: argument 'scale' expected a finite non-zero number, "
+                          f"got {scale!r}")
+    return float(scale)
+
+
+def block_generator(where: str, stack: tuple[int, ...], block_size: int, full: bool
+                    ) -> nn.Parameter:
+    """The zero generator of ``stack`` blocks: ``(*stack, b(b-1)/2)`` triangles, or
+    ``(*stack, b, b)`` full blocks with ``full``."""
+    shape = (block_size, block_size) if check_bool(where, "full", full) else \
+        (block_size * (block_size - 1) // 2,)
+    return nn.Parameter(torch.zeros(*stack, *shape))
 
 
 def rotate_blocks(h: Tensor, q: Tensor, *, transpose: bool = False) -> Tensor:
@@ -118,12 +143,23 @@ class Block(Transform):
         Q = \operatorname{blockdiag}\bigl(\operatorname{map}(S_1), \ldots,
         \operatorname{map}(S_{n/b})\bigr), \qquad S_i = -S_i^\top \in \mathbb{R}^{b\times b},
 
-    each :math:`S_i` stored as its :math:`b(b-1)/2` upper-triangular entries, zero at init
-    (with ``share=True`` one generator serves every block). With ``map="cayley"`` on the
-    right of :math:`W` this is OFT (Qiu et al., 2023, arXiv 2306.07280). Exactly orthogonal
+    each :math:`S_i = c\,(U_i - U_i^\top)` stored as the :math:`b(b-1)/2` entries of the
+    upper triangle :math:`U_i` (or, with ``full=True``, :math:`S_i = c\,(D_i - D_i^\top)`
+    for a full :math:`b \times b` block :math:`D_i`), with :math:`c` = ``scale``; zero at
+    init (with ``share=True`` one generator serves every block). With ``map="cayley"`` on
+    the right of :math:`W` this is OFT (Qiu et al., 2023, arXiv 2306.07280); ``scale=2``
+    is PEFT's parametrization (its :math:`(I - Q)^{-1}(I + Q)` is our
+    :math:`\operatorname{cayley}(2Q)`), which the ``oft`` preset uses. Exactly orthogonal
     for ``"cayley"`` and ``"exp"``; ``"cayley_neumann"`` truncates the Cayley map's Neumann
-    series after ``terms`` matrices (cheaper, approximately orthogonal). Cost per token
-    :math:`O(n b)`; :math:`n (b-1)/2` parameters (:math:`b(b-1)/2` shared).
+    series as PEFT does (:func:`~weightcond.transforms.maps.cayley_neumann`; cheaper,
+    approximately orthogonal). Cost per token :math:`O(n b)`; :math:`n (b-1)/2` parameters
+    (:math:`b(b-1)/2` shared; :math:`n b` and :math:`b^2` with ``full``).
+
+    The scale and the full blocks change no rotation the transform can express, only how
+    its parameters move under an optimizer: the gradient of :math:`U_i` is :math:`c` times
+    that of :math:`S_i`, so ``scale=1`` needs 4 × the learning rate of ``scale=2`` under
+    SGD and 2 × under Adam to take the same steps in :math:`S_i`; a full block's two
+    entries per pair move :math:`S_i` twice as far under Adam as one triangular entry.
 
     Args:
         dim: the side dimension ``n``.
@@ -133,11 +169,13 @@ class Block(Transform):
             on batched skew matrices. Default ``"cayley"``.
         share: one generator for all blocks (PEFT's ``block_share``). Default ``False``.
         terms: the number of Neumann terms for ``map="cayley_neumann"``. Default 5.
+        scale: :math:`c`, a finite non-zero number. Default 1.
+        full: store full ``b × b`` blocks :math:`D_i`. Default ``False``.
     """
 
     def __init__(self, dim: int, *, block_size: int | None = None,
                  map: str | Callable[[Tensor], Tensor] = "cayley", share: bool = False,
-                 terms: int = 5) -> None:
+                 terms: int = 5, scale: float = 1.0, full: bool = False) -> None:
         super().__init__(dim)
         require_plane("block", dim)
         if block_size is None:
@@ -152,8 +190,10 @@ class Block(Transform):
         self.terms = check_int("block", "terms", terms)
         self._map = resolve_dense_map(
             "block", map, {"cayley_neumann": partial(cayley_neumann, terms=terms)})
-        self.generator = nn.Parameter(
-            torch.zeros(1 if share else dim // block_size, block_size * (block_size - 1) // 2))
+        self.scale = check_scale("block", scale)
+        self.full = full
+        self.generator = block_generator("block", (1 if share else dim // block_size,),
+                                         block_size, full)
         self.register_constant("_skew_index", skew_index(self.block_size))
 
     @property
@@ -162,7 +202,8 @@ class Block(Transform):
 
     def blocks(self) -> Tensor:
         """The rotations, shape ``(n/b, b, b)``, in the solve dtype."""
-        q = skew_blocks(self.generator, self._skew_index, self._map)
+        q = skew_blocks(self.generator, self._skew_index, self._map, scale=self.scale,
+                        full=self.full)
         b = self.block_size
         return q.expand(self.dim // b, b, b) if self.share else q
 
@@ -197,4 +238,7 @@ class Block(Transform):
 
     def extra_repr(self) -> str:
         shared = ", share=True" if self.share else ""
-        return f"dim={self.dim}, block_size={self.block_size}, map={self.map!r}{shared}"
+        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
+        full = ", full=True" if self.full else ""
+        return f"dim={self.dim}, block_size={self.block_size}, map={self.map!r}{shared}" \
+            f"{scale}{full}"

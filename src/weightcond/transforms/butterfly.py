@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ShapeError, check_int
 from . import register_transform
 from .base import Transform, require_plane
-from .block import rotate_blocks, skew_blocks, skew_index
+from .block import block_generator, check_scale, rotate_blocks, skew_blocks, skew_index
 from .maps import EXACT_MAPS, resolve_dense_map
 
 
@@ -46,10 +46,16 @@ class Butterfly(Transform):
             when ``m > 1``. Default: the largest such divisor of ``n`` up to 32.
         factors: :math:`m`, at least 1. Default 1.
         map: ``"cayley"``, ``"exp"``, ``"first_order"`` or a callable. Default ``"cayley"``.
+        scale: :math:`c` in :math:`S = c\,(U - U^\top)`, as for
+            :class:`~weightcond.transforms.Block`. Default 1.
+        full: store full ``b × b`` blocks :math:`D`, :math:`S = c\,(D - D^\top)`: PEFT's
+            BOFT parametrization (its ``boft_R``), which the ``boft`` preset uses; twice the
+            parameters, the same rotations. Default ``False``.
     """
 
     def __init__(self, dim: int, *, block_size: int | None = None, factors: int = 1,
-                 map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
+                 map: str | Callable[[Tensor], Tensor] = "cayley", scale: float = 1.0,
+                 full: bool = False) -> None:
         super().__init__(dim)
         require_plane("butterfly", dim)
         # blocks of at least 2 times 2^(factors - 1) must fit in dim
@@ -70,8 +76,10 @@ class Butterfly(Transform):
                              f"{block_size} with factors={factors}")
         self.map = map
         self._map = resolve_dense_map("butterfly", map)
-        self.generator = nn.Parameter(
-            torch.zeros(factors, dim // block_size, block_size * (block_size - 1) // 2))
+        self.scale = check_scale("butterfly", scale)
+        self.full = full
+        self.generator = block_generator("butterfly", (factors, dim // block_size), block_size,
+                                         full)
         perms = [butterfly_permutation(dim, block_size * 2**i, max(block_size // 2, 1))
                  if factors > 1 else list(range(dim)) for i in range(factors)]
         perm = torch.tensor(perms, device="cpu")
@@ -85,7 +93,8 @@ class Butterfly(Transform):
 
     def blocks(self) -> Tensor:
         """The block rotations, shape ``(m, n/b, b, b)``, in the solve dtype."""
-        return skew_blocks(self.generator, self._skew_index, self._map)
+        return skew_blocks(self.generator, self._skew_index, self._map, scale=self.scale,
+                           full=self.full)
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         blocks = self.blocks()
@@ -98,5 +107,7 @@ class Butterfly(Transform):
         return h
 
     def extra_repr(self) -> str:
+        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
+        full = ", full=True" if self.full else ""
         return (f"dim={self.dim}, block_size={self.block_size}, factors={self.factors}, "
-                f"map={self.map!r}")
+                f"map={self.map!r}{scale}{full}")

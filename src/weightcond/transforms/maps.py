@@ -76,17 +76,34 @@ def cayley(s: Tensor) -> Tensor:
 
 
 def cayley_neumann(s: Tensor, terms: int) -> Tensor:
-    """Truncated Neumann series of the Cayley map in the library's convention,
-    :math:`(I + S/2)(I - S/2)^{-1} = I + 2\\sum_{j \\ge 1} (S/2)^j`, keeping ``terms`` matrices
-    (:math:`I` and ``terms - 1`` powers). Converges to :func:`cayley` for
-    :math:`\\|S/2\\| < 1`; not exactly orthogonal."""
+    r"""Truncated Cayley–Neumann series of :func:`cayley`, term for term as PEFT's OFT
+    computes it (``use_cayley_neumann=True``, ``num_cayley_neumann_terms=terms``).
+
+    With :math:`X = S/2`, :math:`\operatorname{cayley}(S) = (I + X)(I - X)^{-1}` and
+    :math:`(I - X)^{-1} = \sum_j X^j`; truncating the inverse after :math:`p` powers gives
+
+    .. math::
+
+        (I + X)\sum_{j=0}^{p-1} X^j = I + 2\sum_{j=1}^{p-1} X^j + X^p ,
+
+    the last power with weight 1. PEFT 0.21 takes :math:`p = \max(\text{terms} - 1, 3)`
+    for ``terms >= 3``, :math:`I + 2X` for 2 and :math:`I` for 1 (so 3 and 4 terms are the
+    same series); this function does the same. Converges to :func:`cayley` for
+    :math:`\|S/2\| < 1`; not exactly orthogonal. (PEFT's Neumann path applies this to the
+    generator of the *inverse* of its exact path: see :func:`weightcond.from_peft`.)
+    """
     half = s / 2
     out = _eye_like(s).clone()
+    if terms < 2:
+        return out
+    if terms == 2:
+        return out + 2 * half
+    top = max(terms - 1, 3)
     power = half
-    for _ in range(terms - 1):
+    for _ in range(top - 1):
         out = out + 2 * power
         power = power @ half
-    return out
+    return out + power
 
 
 def matrix_exp(s: Tensor) -> Tensor:
