@@ -367,6 +367,40 @@ def test_disabled_in_one_thread_leaves_another_thread_conditioned() -> None:
     torch.testing.assert_close(model(x), conditioned, rtol=0, atol=0)
 
 
+# PyTorch's own deprecations while Dynamo traces (see tests/test_compile.py)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be "
+                            "instantiated:DeprecationWarning")
+def test_a_compiled_model_follows_disabled_per_thread() -> None:
+    """Dynamo guards on the thread-local switch: the compiled model computes its base inside
+    ``disabled`` and stays conditioned in another thread meanwhile."""
+    torch._dynamo.reset()
+    model = conditioned_model()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(3, 10, dtype=torch.float64)
+    conditioned = model(x)
+    with wc.disabled(model):
+        base = model(x)
+        torch.testing.assert_close(compiled(x), base, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x), conditioned, rtol=0, atol=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def body() -> torch.Tensor:
+        with wc.disabled(model):
+            entered.set()
+            assert release.wait(30)
+            return compiled(x)
+
+    thread, result = in_thread(body, entered, release)
+    try:
+        torch.testing.assert_close(compiled(x), conditioned, rtol=0, atol=0)
+    finally:
+        release.set()
+        thread.join(30)
+    assert "error" not in result, result.get("error")
+    torch.testing.assert_close(result["value"], base, rtol=0, atol=0)
+
+
 @contextlib.contextmanager
 def counting_dense(layer: nn.Module) -> Iterator[list[int]]:
     """Counts the evaluations of the dense conditioned weight (the parametrization's
