@@ -132,3 +132,15 @@ def test_a_constant_takes_a_tensor_with_data() -> None:
     with pytest.raises(wc.StateError, match="meta"):
         transform.register_constant("_index", torch.zeros(3, device="meta"))
     assert "_index" not in dict(transform.named_buffers())
+
+
+@pytest.mark.parametrize("name", sorted(wc.TRANSFORMS))
+def test_a_transform_built_under_a_default_device_keeps_its_tensors_together(name) -> None:
+    """Constants follow the default device like the parameters (regression, found in review:
+    they stayed on the CPU, and apply() mixed devices)."""
+    with torch.device("meta"):
+        transform = wc.TRANSFORMS[name](8)
+    assert {t.device.type for t in (*transform.parameters(), *transform.buffers())} == {"meta"}
+    transform.to_empty(device="cpu")
+    if not transform.norm_tied:
+        assert transform.apply(torch.randn(3, 8)).shape == (3, 8)

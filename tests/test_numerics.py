@@ -312,6 +312,28 @@ def test_dora_row_zeroed_after_registration_under_autocast(autocast) -> None:
     assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer))
 
 
+def test_dora_row_zeroed_with_float32_adapter_on_a_float16_base() -> None:
+    """The adapter's parameters kept in float32 on a float16 base (as PEFT's
+    ``autocast_adapter_dtype``): the diagonal is limited in the narrowest dtype it meets,
+    the base's, not its own (regression: NaN there, found in review)."""
+    layer = make_layer(8, 16, dtype=torch.float16)
+    applied = wc.apply_preset(layer, "dora", rank=2)
+    applied.update.float()
+    applied.conditioners[0].transform.float()
+    with torch.no_grad():
+        layer.parametrizations.weight.original[0] = 0
+    for dense in (False, True):
+        with wc.dense_forward(layer) if dense else contextlib.nullcontext():
+            x = torch.randn(4, 16, dtype=torch.float16, requires_grad=True)
+            y = layer(x)
+            assert torch.equal(y[:, 0], layer.bias[0].expand(4)), dense
+            (10 * y.float()).sum().backward()
+            assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+            assert all(torch.isfinite(p.grad).all() for _, p in trainable(layer)), dense
+            layer.zero_grad()
+    assert torch.isfinite(wc.merge(layer).weight).all()
+
+
 def test_dora_under_autocast() -> None:
     """The exactly recomputed rows (Note (cancelled rows)) stay in float32 under autocast."""
     layer = make_layer(12, 10, dtype=torch.float32)

@@ -189,8 +189,9 @@ def test_a_layer_whose_weight_cannot_be_conditioned_is_refused(case) -> None:
 
 # -- 3. options that do not fit the layer's dtype, user maps ----------------------------------
 @pytest.mark.parametrize("dtype,eps", [(torch.float16, 1e6), (torch.float16, 1e39),
-                                       (torch.bfloat16, 1e39), (torch.float32, 1e39)],
-                         ids=["fp16-1e6", "fp16-1e39", "bf16-1e39", "fp32-1e39"])
+                                       (torch.bfloat16, 1e39), (torch.float32, 1e39),
+                                       (torch.float16, 70000)],
+                         ids=["fp16-1e6", "fp16-1e39", "bf16-1e39", "fp32-1e39", "fp16-int"])
 def test_an_eps_beyond_the_layer_dtype_is_refused(dtype: torch.dtype, eps: float) -> None:
     layer = make_layer(8, 8, dtype=dtype)
     limit = re.escape(f"{torch.finfo(dtype).max:g}")

@@ -555,7 +555,8 @@ def _check_representable(options: Mapping[str, Any], dtype: torch.dtype, label: 
     value in ``clamp_min``; ``alpha=1e39`` made the weight NaN)."""
     limit = torch.finfo(dtype).max
     for name, value in options.items():
-        if isinstance(value, float) and not abs(value) <= limit:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                not abs(value) <= limit:
             raise OptionError(f"{label}: argument '{name}' expected a number representable in "
                               f"the layer's dtype {dtype} (at most {limit:g}), got {value!r}")
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import batching
-from .transforms.base import Transform, compute_dtype
+from .transforms.base import Transform, compute_dtype, limit_diagonal
 from .update import LowRankUpdate
 
 __all__ = ["Conditioner", "Conditioning", "Side", "Stage"]
@@ -567,7 +567,7 @@ class Conditioning(nn.Module):
             if conditioner.transform.norm_tied:
                 with _detached(conditioner):
                     norms = _norms(g, conditioner.is_left)
-                diag = conditioner.transform.diagonal(norms)
+                diag = limit_diagonal(conditioner.transform.diagonal(norms), weight.dtype)
             diags.append(diag)
             g = conditioner.on_matrix(g, diag)
         return g, diags
@@ -747,7 +747,7 @@ class Conditioning(nn.Module):
                     else:
                         step = i + (1 if in_post else 0)
                         norms = _norms(self.dense_weight(weight, steps=step), c.is_left)
-                diag = c.transform.diagonal(norms)
+                diag = limit_diagonal(c.transform.diagonal(norms), weight.dtype)
             diags.append(diag)
             if c.is_left:
                 if c.transform.is_diagonal:

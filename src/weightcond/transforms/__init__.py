@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..registry import Registry
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, diagonal_limit, limit_diagonal
 
 __all__ = ["TRANSFORMS", "Block", "Butterfly", "Diag", "Givens", "Householder", "Magnitude",
-           "Orthogonal", "Skew", "Transform", "compute_dtype", "register_transform"]
+           "Orthogonal", "Skew", "Transform", "compute_dtype", "diagonal_limit", "limit_diagonal",
+           "register_transform"]
 
 TRANSFORMS: Registry[type[Transform]] = Registry("transform")
 

@@ -30,12 +30,44 @@ from torch import Tensor, nn
 from .. import batching
 from ..errors import ShapeError, StateError
 
-__all__ = ["Transform", "compute_dtype", "require_plane", "thin_update"]
+__all__ = ["Transform", "compute_dtype", "diagonal_limit", "limit_diagonal", "require_plane",
+           "thin_update"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype small solves run in: float64 stays, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def diagonal_limit(dtype: torch.dtype) -> float:
+    """The largest entry a norm-tied diagonal takes in ``dtype``:
+    :math:`\\sqrt{\\text{finfo(dtype).max}}` (256 in float16, 1.8e19 in bfloat16 and float32).
+
+    Note (a diagonal that stays finite): a line of :math:`M` whose norm falls far below its
+    magnitude (a row of the frozen weight zeroed after registration, e.g. by pruning or a
+    loaded checkpoint) has :math:`m / \\max(\\|M\\|, \\varepsilon)` up to ``m / eps``,
+    5e5 for ``m = 0.5``: above float16's largest value (65504). Cast to float16 that is
+    ``inf``, and ``inf · 0`` on the zero row made the output, every gradient and the merged
+    weight NaN. Limited to the square root of the largest value, the diagonal stays finite,
+    and so does its product with any activation or gradient entry below that limit (the
+    backward forms :math:`g \\odot d`); a zero line still gives exactly the bias. The limit
+    is that of the narrowest dtype the diagonal meets (:func:`limit_diagonal`). Only float16
+    can reach it in practice: it changes only the lines whose norm has fallen below
+    :math:`m / 256` (in float16 any algorithm that rounds :math:`M` to float16 has lost most
+    of such a line's direction well before its norm reaches ``eps``)."""
+    return float(torch.finfo(dtype).max) ** 0.5
+
+
+def limit_diagonal(diagonal: Tensor, *dtypes: torch.dtype) -> Tensor:
+    """``diagonal`` with its entries limited to :func:`diagonal_limit` of the narrowest of
+    its own dtype, ``dtypes`` (the layer's weight, its activations) and, under autocast,
+    autocast's dtype: the dtypes its products run in (Note (a diagonal that stays
+    finite))."""
+    device = diagonal.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtypes = (*dtypes, torch.get_autocast_dtype(device))
+    limit = min(diagonal_limit(d) for d in (diagonal.dtype, *dtypes))
+    return diagonal.clamp(-limit, limit)
 
 
 def require_plane(name: str, dim: int) -> None:
@@ -96,7 +128,8 @@ class Transform(nn.Module):
         :meth:`~torch.nn.Module.to_empty` (FSDP2, large-model loaders) kept it as
         uninitialised memory after ``load_state_dict``, and the transform computed garbage
         or indexed out of range. A constant keeps a CPU copy of its value (``value`` must
-        not be on the meta device) and is written back whenever the module's tensors are
+        not be on the meta device; the buffer goes to the default device, as the parameters
+        built beside it) and is written back whenever the module's tensors are
         converted or materialised (:meth:`~torch.nn.Module._apply`: ``to``, ``to_empty``,
         ``cuda``, ``half``, ...), except while they are on the meta device, and when a state
         dict is loaded (with ``assign=True`` a constant still on the meta device moves to the
@@ -106,7 +139,8 @@ class Transform(nn.Module):
             raise StateError(f"{type(self).__name__}.register_constant: argument 'value' "
                              f"expected a tensor with data, got one on the meta device")
         self._constants[name] = value.detach().to("cpu", copy=True)
-        self.register_buffer(name, value, persistent=False)
+        # the buffer itself on the default device, as the parameters built beside it
+        self.register_buffer(name, value.to(torch.get_default_device()), persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)

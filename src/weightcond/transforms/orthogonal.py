@@ -42,6 +42,7 @@ class Orthogonal(Transform):
             self.so = geotorch.SO((dim, dim), triv=resolve_dense_map("orthogonal", map))
         with torch.no_grad():
             self.so.base.copy_(torch.eye(dim, device="cpu"))
+        self.so.to(torch.get_default_device())  # beside the parameters (meta: loaded later)
         self.generator = nn.Parameter(torch.zeros(dim, dim))
 
     @property
