@@ -58,6 +58,11 @@ def check_scale(where: str, scale: object) -> float:
     return float(scale)
 
 
+def generator_repr(scale: float, full: bool) -> str:
+    """The ``extra_repr`` of ``scale`` and ``full`` where they differ from the defaults."""
+    return ("" if scale == 1.0 else f", scale={scale:g}") + (", full=True" if full else "")
+
+
 def block_generator(where: str, stack: tuple[int, ...], block_size: int, full: bool
                     ) -> nn.Parameter:
     """The zero generator of ``stack`` blocks: ``(*stack, b(b-1)/2)`` triangles, or
@@ -238,7 +243,5 @@ class Block(Transform):
 
     def extra_repr(self) -> str:
         shared = ", share=True" if self.share else ""
-        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
-        full = ", full=True" if self.full else ""
         return f"dim={self.dim}, block_size={self.block_size}, map={self.map!r}{shared}" \
-            f"{scale}{full}"
+            f"{generator_repr(self.scale, self.full)}"

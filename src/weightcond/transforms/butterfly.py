@@ -10,7 +10,14 @@ from torch import Tensor
 from ..errors import ShapeError, check_int
 from . import register_transform
 from .base import Transform, require_plane
-from .block import block_generator, check_scale, rotate_blocks, skew_blocks, skew_index
+from .block import (
+    block_generator,
+    check_scale,
+    generator_repr,
+    rotate_blocks,
+    skew_blocks,
+    skew_index,
+)
 from .maps import EXACT_MAPS, resolve_dense_map
 
 
@@ -107,7 +114,5 @@ class Butterfly(Transform):
         return h
 
     def extra_repr(self) -> str:
-        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
-        full = ", full=True" if self.full else ""
         return (f"dim={self.dim}, block_size={self.block_size}, factors={self.factors}, "
-                f"map={self.map!r}{scale}{full}")
+                f"map={self.map!r}{generator_repr(self.scale, self.full)}")
