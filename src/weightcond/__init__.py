@@ -11,6 +11,8 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 (:data:`PRESETS`).
 """
 
+from typing import Any
+
 from . import analysis, interop
 from .batching import batch_factors
 from .errors import (
@@ -47,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "TRANSFORMS",
+    "AdapterCheckpointCallback",
     "AdapterError",
     "Applied",
     "ConditionReport",
@@ -88,3 +91,9 @@ __all__ = [
     "set_adapter",
     "to_peft",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AdapterCheckpointCallback":  # imports transformers: only when asked for
+        return interop.AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,13 +6,27 @@ each, freezes every base parameter and says what it did. Targets are matched as 
 ``target_modules``: a list of names matches a module whose name is one of them or ends with
 ``"." + name``; a single string is a regular expression that must match the whole name;
 ``"all-linear"`` takes every supported layer except the model's output head.
+
+Conditioning a transformers ``PreTrainedModel`` also guards its ``save_pretrained``
+(:func:`weightcond.model.guard_save_pretrained`): transformers would write the model's
+``state_dict`` keys (``…query.parametrizations.weight.original``,
+``…adapters.default.update.A``), whose weights ``from_pretrained`` reports missing and
+initialises randomly. A guarded model writes the merged weights instead, so
+``from_pretrained`` computes what the model computes; inside
+:func:`weightcond.model.adapter_checkpoints` (the Trainer's checkpoints, through
+:class:`weightcond.AdapterCheckpointCallback`) it writes the adapter alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import inspect
+import os
 import re
+import sys
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +47,7 @@ from .layer import (
     check_adapter_name,
     conditioned_layers,
     is_conditioned,
+    merge,
     remove_conditioning,
     require_module,
     switched,
@@ -42,9 +57,12 @@ from .reshape import LAYER_KINDS
 
 __all__ = [
     "ConditionReport",
+    "adapter_checkpoints",
     "adapter_names",
+    "checkpoint_keys",
     "condition",
     "disabled",
+    "guard_save_pretrained",
     "set_adapter",
 ]
 
@@ -237,7 +255,9 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
     ``pickle.dumps(model)`` raise :class:`~weightcond.StateError`, as parametrized modules
     do). Save ``model.state_dict()`` and load it into the model rebuilt and conditioned
     the same way, or save the adapter alone with :func:`weightcond.save_adapter` (read back
-    by :func:`weightcond.load_adapter`); ``copy.deepcopy`` works.
+    by :func:`weightcond.load_adapter`); ``copy.deepcopy`` works. A transformers model's
+    ``save_pretrained`` writes the merged weights, which ``from_pretrained`` reloads
+    (:func:`weightcond.model.guard_save_pretrained`).
 
     Example:
         >>> import torch, weightcond as wc
@@ -288,6 +308,7 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         raise
     _activate(model, adapter_name)
     _batch_factors(model, batch_factors)
+    guard_save_pretrained(model)
     trainable, total = _count(model)
     layers = {n: (p.name if isinstance(p, Preset) else p) for n, (p, _) in plan.items()}
     return ConditionReport(adapter_name, layers, trainable, total)
@@ -356,6 +377,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
                                f"{', '.join(map(repr, names)) or '(no adapters)'}, "
                                f"got {adapter_name!r}")
     _activate(model, adapter_name)
+    guard_save_pretrained(model)
 
 
 @contextlib.contextmanager
@@ -381,3 +403,250 @@ def disabled(model: nn.Module) -> Iterator[None]:
     require_module(model, "disabled", "model")
     with switched(model, "enabled", False, where="disabled"):
         yield
+
+
+# -- transformers' save_pretrained --------------------------------------------------------------
+# Decision (guarding save_pretrained): transformers' save_pretrained writes model.state_dict()
+# (or the state dict it is given). A conditioned layer's keys there are parametrize's
+# (``…query.parametrizations.weight.original``, ``…adapters.default.update.A``), which
+# from_pretrained does not know: it calls the layer's weight missing, initialises it randomly
+# and carries on. A state_dict hook cannot tell save_pretrained from the callers that need
+# those keys (load_state_dict into the model conditioned again, the Trainer's resume), and
+# transformers offers no hook of its own; so guard_save_pretrained shadows the method on the
+# instance (the class and every other model are untouched) with one that hands transformers'
+# own save_pretrained the state dict it should write. Merged, as the one state from_pretrained
+# rebuilds into the same function. An instance attribute rather than a swapped class, which
+# config.architectures and type checks would see; holding the model by a weak reference, so
+# that the model is freed (its accelerator memory with it) when its last reference goes, not
+# at the next cyclic garbage collection; copy.deepcopy and pickle rebind it to the copy.
+_CHECKPOINTING = "_weightcond_adapter_checkpoints"  # set by adapter_checkpoints
+
+
+def _pretrained_model_class() -> type | None:
+    """transformers' ``PreTrainedModel`` if its modeling code is loaded (no model is one
+    otherwise, so transformers, seconds to import, is never imported here)."""
+    return getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+
+
+def _is_pretrained(model: Any) -> bool:
+    cls = _pretrained_model_class()
+    return cls is not None and isinstance(model, cls)
+
+
+class _Guard:
+    """``model.save_pretrained`` of a guarded model (Decision (guarding save_pretrained))."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _save_pretrained(self.model(), *args, **kwargs)  # type: ignore[arg-type]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Guard:
+        model = self.model()  # the model's copy is in memo before its __dict__ is copied
+        return _Guard(memo.get(id(model), model))
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return _Guard, (self.model(),)
+
+
+def _is_guarded(model: nn.Module) -> bool:
+    guard = model.__dict__.get("save_pretrained")
+    return isinstance(guard, _Guard) and guard.model() is model
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write what ``from_pretrained`` reloads, while ``model``
+    (a transformers ``PreTrainedModel``; other modules are left alone) has conditioned layers.
+
+    transformers' ``save_pretrained`` writes ``model.state_dict()``, whose keys for a
+    conditioned layer are parametrize's; ``from_pretrained`` would call those weights missing
+    and initialise them randomly. Guarded, ``model.save_pretrained(folder)`` (and so
+    ``Trainer.save_model`` and ``push_to_hub``) writes for each conditioned layer the weight
+    and bias :func:`weightcond.merge` would bake in (:math:`W'`, and :math:`b'` where a
+    conditioner conditions the bias) under the layer's plain keys (``…query.weight``),
+    computed on a copy of the layer: the model stays conditioned and trainable. Everything
+    else is transformers' own. ``AutoModel….from_pretrained(folder)`` then loads a plain model,
+    with no missing or unexpected keys, whose tensors are those of
+    ``weightcond.merge(copy.deepcopy(model))`` bit for bit. Only the active adapter is merged;
+    save the others with :func:`weightcond.save_adapter`. A ``state_dict`` passed to
+    ``save_pretrained`` (the Trainer passes one under DeepSpeed) is merged the same way, from
+    its own tensors. Inside :func:`weightcond.model.adapter_checkpoints`, ``save_pretrained``
+    writes an adapter checkpoint instead; once no layer is conditioned (after
+    :func:`weightcond.merge`), it is transformers' own again. ``distributed_checkpoint=True``
+    is passed through: it writes the model's own state, to resume training, not for
+    ``from_pretrained``.
+
+    :func:`weightcond.condition` and :func:`weightcond.set_adapter` guard the model they are
+    given, and :class:`weightcond.AdapterCheckpointCallback` the model it trains; call this
+    on a model whose layers were conditioned by other means. Calling it again does nothing.
+
+    ``save_pretrained`` of a guarded model raises :class:`~weightcond.StateError`, before it
+    writes anything, where a conditioned layer's weight is tied to another
+    (``tie_word_embeddings``: ``from_pretrained`` would tie the merged weight back to it),
+    where a ``state_dict`` argument lacks a tensor of a conditioned layer, and where a
+    layer's class was swapped after conditioning (``fully_shard``, as
+    :func:`weightcond.merge` does).
+
+    Example:
+        >>> import tempfile, torch, transformers, weightcond as wc
+        >>> config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+        ...                                  num_attention_heads=2, intermediate_size=64,
+        ...                                  vocab_size=100)
+        >>> model = transformers.BertModel(config).eval()
+        >>> _ = wc.condition(model, "dora", target_modules=["query", "value"])
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_pretrained(folder)
+        >>> reloaded = transformers.BertModel.from_pretrained(folder).eval()
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> torch.allclose(reloaded(ids).last_hidden_state, model(ids).last_hidden_state,
+        ...                atol=1e-6)
+        True
+    """
+    require_module(model, "guard_save_pretrained", "model")
+    if _is_pretrained(model) and not _is_guarded(model):
+        model.__dict__["save_pretrained"] = _Guard(model)
+
+
+def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *args: Any,
+                     **kwargs: Any) -> Any:
+    """``save_pretrained`` of a guarded model (:func:`guard_save_pretrained`)."""
+    save = type(model).save_pretrained
+    signature = inspect.signature(save)
+    bound = signature.bind(model, save_directory, *args, **kwargs)
+    arguments = bound.arguments
+    if not conditioned_layers(model) or arguments.get("distributed_checkpoint"):
+        return save(*bound.args, **bound.kwargs)
+    given = arguments.get("state_dict")
+    if model.__dict__.get(_CHECKPOINTING, False):
+        arguments["state_dict"] = _checkpoint_state(model, given)
+        # the checkpoint is read back by load_state_dict into this model, not by
+        # from_pretrained: keep the model's own keys (no renaming to a legacy layout)
+        if "save_original_format" in signature.parameters:
+            arguments["save_original_format"] = False
+    else:
+        arguments["state_dict"] = _merged_state(model, given)
+    return save(*bound.args, **bound.kwargs)
+
+
+def _require_untied(model: nn.Module, where: str) -> None:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    partner = {**{v: k for k, v in tied.items()}, **tied}
+    for name, _ in conditioned_layers(model):
+        other = partner.get(f"{name}.weight")
+        if isinstance(other, str):
+            raise StateError(
+                f"{where}: argument 'model' expected conditioned layers whose weight "
+                f"transformers does not tie, got {name!r}, whose weight is tied to {other!r} "
+                f"(tie_word_embeddings): from_pretrained would tie the merged weight back to "
+                f"it. Build the model with tie_word_embeddings=False before conditioning, "
+                f"leave {name!r} out of target_modules, or save the adapter alone with "
+                f"weightcond.save_adapter")
+
+
+def _pick(given: Mapping[str, Any], keys: Iterable[str], *, prefix: str, what: str,
+          where: str) -> dict[str, Any]:
+    """``{key: given[prefix + key]}`` for ``keys``; a missing one is a typed error."""
+    missing = [prefix + k for k in keys if prefix + k not in given]
+    if missing:
+        raise StateError(f"{where}: argument 'state_dict' expected every tensor of {what}, "
+                         f"got none for {missing[0]!r}; pass the model's full state_dict, or "
+                         f"none")
+    return {k: given[prefix + k] for k in keys}
+
+
+def _merged_state(model: nn.Module, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model``'s state dict (or ``given``) with each conditioned layer's entries replaced by
+    the weight and bias :func:`~weightcond.merge` bakes in, computed on a copy of the layer.
+
+    One layer at a time, on the layer's device (the bits :func:`~weightcond.merge` computes
+    there); each result moves to the CPU, where safetensors writes from, so a save needs one
+    layer's copy of accelerator memory, not a second model.
+    """
+    where = "save_pretrained"
+    _require_untied(model, where)
+    state = dict(model.state_dict() if given is None else given)
+    for name, layer in conditioned_layers(model):
+        keys = list(layer.state_dict())
+        replica = copy.deepcopy(layer)
+        if given is not None:
+            replica.load_state_dict(_pick(given, keys, prefix=f"{name}.", where=where,
+                                          what=f"the conditioned layer {name!r}"), assign=True)
+        merged = merge(replica).state_dict()
+        del replica
+        for key in keys:
+            state.pop(f"{name}.{key}", None)
+        state.update((f"{name}.{key}", value if value.is_meta else value.cpu())
+                     for key, value in merged.items())
+    return state
+
+
+def checkpoint_keys(model: nn.Module) -> list[str]:
+    """The keys of ``model.state_dict()`` an adapter checkpoint holds: every tensor of every
+    adapter of its conditioned layers, and every other parameter that requires a gradient (a
+    task head you unfroze), in ``state_dict`` order."""
+    require_module(model, "checkpoint_keys", "model")
+    wanted = {id(p) for p in model.parameters() if p.requires_grad}
+    for _, layer in conditioned_layers(model):
+        adapters = _adapters(layer)
+        wanted.update(id(t) for t in (*adapters.parameters(), *adapters.buffers()))
+    return [k for k, v in model.state_dict(keep_vars=True).items() if id(v) in wanted]
+
+
+def _checkpoint_state(model: nn.Module, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    keys = checkpoint_keys(model)
+    state = model.state_dict() if given is None else given
+    return _pick(state, keys, prefix="", what="the adapter checkpoint",
+                 where="save_pretrained")
+
+
+class _AdapterCheckpoints:
+    """The context manager :func:`adapter_checkpoints` returns (re-entrant: each exit
+    restores what its entry found)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._previous: list[bool] = []
+
+    def __enter__(self) -> None:
+        self._previous.append(self.model.__dict__.get(_CHECKPOINTING, False))
+        self.model.__dict__[_CHECKPOINTING] = True
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._previous.pop():
+            self.model.__dict__.pop(_CHECKPOINTING, None)
+
+
+def adapter_checkpoints(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``model.save_pretrained(folder)`` writes an adapter checkpoint: the
+    tensors :func:`weightcond.model.checkpoint_keys` names (every adapter's, and every other
+    trainable parameter's), under the model's own ``state_dict`` keys, and the configuration.
+
+    That is the checkpoint a ``transformers.Trainer`` resumes from exactly: for a model that
+    is not PEFT's, ``trainer.train(resume_from_checkpoint=...)`` and
+    ``load_best_model_at_end`` read the checkpoint's ``model.safetensors`` with
+    ``model.load_state_dict(..., strict=False)``, which copies these tensors in place into
+    the model, built and conditioned the same way; its frozen base stays as loaded.
+    :class:`weightcond.AdapterCheckpointCallback` enters this block where the Trainer saves
+    its checkpoints. The model is checked, and guarded
+    (:func:`weightcond.model.guard_save_pretrained`), when this is called; the block can be
+    entered again.
+
+    Raises:
+        weightcond.LayerTypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        weightcond.StateError: ``model`` has no conditioned layers.
+    """
+    where = "adapter_checkpoints"
+    require_module(model, where, "model")
+    if not _is_pretrained(model):
+        raise LayerTypeError(f"{where}: argument 'model' expected a transformers "
+                             f"PreTrainedModel (whose save_pretrained the Trainer calls), got "
+                             f"{type(model).__name__}")
+    if not conditioned_layers(model):
+        raise StateError(f"{where}: argument 'model' expected a model with conditioned "
+                         f"layers, got an unconditioned {type(model).__name__}; call "
+                         f"weightcond.condition first")
+    guard_save_pretrained(model)
+    return _AdapterCheckpoints(model)
