@@ -128,14 +128,14 @@ def test_a_failed_compare_leaves_no_empty_folder(tmp_path: Path,
 def test_analyze_checks_its_arguments_first(tmp_path: Path, capsys, no_loading: None) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in ("weightcond_adapter.json", "weightcond_adapter.safetensors"):
         (adapter / name).write_text("")  # enough for the check, which reads nothing
     file = tmp_path / "file.txt"
     file.write_text("kept")
     for argv, message in [
         ([str(tmp_path / "missing")], "argument 'path' expected a saved adapter directory"),
         ([str(file)], "argument 'path' expected a saved adapter directory"),
-        ([str(tmp_path)], "which lacks adapter_config.json, adapter_model.safetensors"),
+        ([str(tmp_path)], "which lacks weightcond_adapter.json, weightcond_adapter.safetensors"),
         ([str(adapter), "--model", str(tmp_path / "nonexistent")],
          "argument 'model' expected a local transformers model directory"),
         ([str(adapter), "--output", str(file)], "argument 'output' expected a directory"),
@@ -215,8 +215,8 @@ def test_compare_quick_then_analyze(tmp_path: Path, capsys) -> None:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     adapter = out / "adapters" / "sora"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
-                                                         "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["weightcond_adapter.json",
+                                                         "weightcond_adapter.safetensors"]
     assert main(["analyze", str(adapter), "--output", str(tmp_path / "analysis")]) == 0
     table = capsys.readouterr().out
     assert "encoder.layer.5.output.dense" in table and "orth. error" in table
@@ -237,7 +237,7 @@ def test_analyze_reports_a_bad_adapter(tmp_path: Path, capsys) -> None:
     """An adapter that passes the argument check but not the loader is a clean error."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in ("weightcond_adapter.json", "weightcond_adapter.safetensors"):
         (adapter / name).write_text("{}")
     assert main(["analyze", str(adapter)]) == 2
     assert "weightcond analyze: error: load_adapter:" in capsys.readouterr().err

@@ -260,7 +260,7 @@ def test_the_config_records_every_layer_transform_option_and_shape(tmp_path: Pat
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG, TENSORS]
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"),
                         parse_constant=_refuse_constant)
-    assert config["format"] == "weightcond.adapter" and config["format_version"] == 2
+    assert config["format"] == "weightcond.adapter" and config["format_version"] == 3
     assert config["weightcond_version"] == wc.__version__
     assert config["adapter_name"] == "default" and config["model"] == "BertModel"
     names = [n for n, _ in wc.conditioned_layers(model)]
@@ -433,9 +433,9 @@ def move_layer(old: str, new: str) -> Callable[[Path], None]:
 
 PEFT_CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                           "target_modules": ["query", "value"], "task_type": None}).encode()
-UNREADABLE = (r"load_adapter: adapter_model\.safetensors is not a readable safetensors file "
+UNREADABLE = (r"load_adapter: weightcond_adapter\.safetensors is not a readable safetensors file "
               r"\(truncated, corrupted or another format\)")
-MALFORMED = r"load_adapter: malformed adapter_config\.json: "
+MALFORMED = r"load_adapter: malformed weightcond_adapter\.json: "
 A = f"{QUERY}.update.A"
 AT = rf"load_adapter: layer '{QUERY}': "
 bert_64 = functools.partial(base, "bert", hidden=64)
@@ -448,27 +448,27 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
      r"which does not exist"),
     ("path-is-a-file", lambda f: f / TENSORS, "bert", wc.AdapterError,
      r"load_adapter: argument 'path' expected a saved adapter directory, got "
-     r"'.*adapter_model\.safetensors', which is a file"),
+     r"'.*weightcond_adapter\.safetensors', which is a file"),
     ("config-missing", lambda f: (f / CONFIG).unlink(), "bert", wc.AdapterError,
-     r"load_adapter: '.*' is not a saved adapter: adapter_config\.json missing"),
+     r"load_adapter: '.*' is not a saved adapter: weightcond_adapter\.json missing"),
     ("tensors-missing", lambda f: (f / TENSORS).unlink(), "bert", wc.AdapterError,
-     r"is not a saved adapter: adapter_model\.safetensors missing"),
+     r"is not a saved adapter: weightcond_adapter\.safetensors missing"),
     ("config-not-json", write(CONFIG, b'{"format": "weightcond.adapter",'), "bert",
-     wc.AdapterError, r"load_adapter: adapter_config\.json is not valid JSON \(Expecting"),
+     wc.AdapterError, r"load_adapter: weightcond_adapter\.json is not valid JSON \(Expecting"),
     ("config-is-a-pickle", config_pickle, "bert", wc.AdapterError,
-     r"load_adapter: adapter_config\.json is not valid JSON"),
+     r"load_adapter: weightcond_adapter\.json is not valid JSON"),
     ("config-not-an-object", write(CONFIG, b"[1, 2]"), "bert", wc.AdapterError,
      MALFORMED + r"expected a JSON object"),
     ("peft-config", write(CONFIG, PEFT_CONFIG), "bert", wc.AdapterError,
-     r"load_adapter: adapter_config\.json expected format 'weightcond\.adapter', got None "
+     r"load_adapter: weightcond_adapter\.json expected format 'weightcond\.adapter', got None "
      r"\(a PEFT adapter\? use weightcond\.from_peft\)"),
     ("format-version-too-new",
-     lambda f: edit_config(f, lambda c: c.update(format_version=3, weightcond_version="9.0")),
+     lambda f: edit_config(f, lambda c: c.update(format_version=4, weightcond_version="9.0")),
      "bert", wc.AdapterError,
-     MALFORMED + r"format_version expected 1\.\.2, got 3 \(saved by weightcond '9\.0'; "
+     MALFORMED + r"format_version expected 1\.\.3, got 4 \(saved by weightcond '9\.0'; "
                  r"this is 0\.1\.0\)"),
     ("format-version-missing", lambda f: edit_config(f, lambda c: c.pop("format_version")),
-     "bert", wc.AdapterError, MALFORMED + r"format_version expected 1\.\.2, got None"),
+     "bert", wc.AdapterError, MALFORMED + r"format_version expected 1\.\.3, got None"),
     ("adapter-name-type", lambda f: edit_config(f, lambda c: c.update(adapter_name=3)),
      "bert", wc.AdapterError,
      MALFORMED + r"'adapter_name' expected a name of letters, digits, '_' and '-', got 3"),
@@ -507,11 +507,11 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
      UNREADABLE),
     ("data-corrupted", lambda f: overwrite((f / TENSORS).stat().st_size - 4, b"\x7f" * 4)(f),
      "bert", wc.AdapterError,
-     r"load_adapter: adapter_model\.safetensors does not match the SHA-256 recorded in "
-     r"adapter_config\.json \(corrupted, or not the file saved with it\)"),
+     r"load_adapter: weightcond_adapter\.safetensors does not match the SHA-256 recorded in "
+     r"weightcond_adapter\.json \(corrupted, or not the file saved with it\)"),
     ("tensors-from-another-save",
      lambda f: edit_config(f, lambda c: c.update(tensors_sha256="0" * 64)), "bert",
-     wc.AdapterError, r"does not match the SHA-256 recorded in adapter_config\.json"),
+     wc.AdapterError, r"does not match the SHA-256 recorded in weightcond_adapter\.json"),
     ("torch-pickle", torch_pickle, "bert", wc.AdapterError, UNREADABLE),
     ("raw-pickle", raw_pickle, "bert", wc.AdapterError, UNREADABLE),
     ("other-architecture", lambda f: None, "gpt2", wc.AdapterError,
@@ -528,8 +528,8 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
      r"load_adapter: layer 'embeddings\.word_embeddings': argument 'layer' expected one of "
      r"\(torch\.nn\.Linear, .*\), got Embedding"),
     ("missing-tensor", lambda f: edit_tensors(f, lambda t: t.pop(A)), "bert", wc.AdapterError,
-     r"load_adapter: adapter_model\.safetensors does not match adapter_config\.json: missing "
-     rf"\['{A}'\], extra none"),
+     r"load_adapter: weightcond_adapter\.safetensors does not match weightcond_adapter\.json: "
+     rf"missing \['{A}'\], extra none"),
     ("extra-tensor", lambda f: edit_tensors(f, lambda t: t.update({A + "2": t[A].clone()})), "bert",
      wc.AdapterError, rf"missing none, extra \['{A}2'\]"),
     ("wrong-shape", lambda f: edit_tensors(f, lambda t: t.update({A: torch.zeros(3, 32)})),

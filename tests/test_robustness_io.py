@@ -30,8 +30,9 @@ import weightcond.io as wio
 from helpers import randomize
 
 CONFIG, TENSORS = wio.CONFIG_NAME, wio.TENSORS_NAME
-MALFORMED = r"load_adapter: malformed adapter_config\.json: "
-INTEGRITY = (r"load_adapter: adapter_config\.json does not match the SHA-256 of its recipe "
+PEFT_CONFIG_FILE, PEFT_TENSORS_FILE = wio.PEFT_CONFIG_NAME, wio.PEFT_TENSORS_NAME
+MALFORMED = r"load_adapter: malformed weightcond_adapter\.json: "
+INTEGRITY = (r"load_adapter: weightcond_adapter\.json does not match the SHA-256 of its recipe "
              r"recorded in it \('recipe_sha256'\)")
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
 A = "fc1.update.A"
@@ -323,7 +324,7 @@ def test_the_digest_covers_the_whole_configuration(field: str,
 def test_the_saved_digest_is_of_the_canonical_configuration(
         saved: tuple[Path, torch.Tensor]) -> None:
     config = read_config(saved[0])
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     rest = {k: v for k, v in config.items() if k != "recipe_sha256"}
     text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert config["recipe_sha256"] == hashlib.sha256(text.encode()).hexdigest()
@@ -336,8 +337,25 @@ def test_the_saved_digest_is_of_the_canonical_configuration(
 
 def as_format_1(config: dict[str, Any]) -> None:
     """What weightcond wrote before the recipe digest: format 1, tensors digest only."""
-    del config["recipe_sha256"]
+    del config["recipe_sha256"], config["modules"]
     config["format_version"] = 1
+
+
+def as_format_2(config: dict[str, Any]) -> None:
+    """What weightcond wrote before modules to save: format 2 (to be resealed)."""
+    del config["modules"]
+    config["format_version"] = 2
+
+
+def test_a_format_2_adapter_still_loads(saved: tuple[Path, torch.Tensor]) -> None:
+    folder, expected = saved
+    edit_config(folder, as_format_2, seal=True)
+    fresh = net()
+    assert wc.load_adapter(fresh, folder) == "default"
+    assert torch.equal(output(fresh), expected)
+    edit_config(folder, lambda c: c.update(modules={}), seal=True)  # a format 3 key
+    assert_load_fails(folder, wc.AdapterError, MALFORMED + r"the configuration has the unknown "
+                                                           r"key 'modules'")
 
 
 def test_a_format_1_adapter_still_loads(saved: tuple[Path, torch.Tensor]) -> None:
@@ -355,17 +373,173 @@ def test_a_format_1_adapter_still_has_its_tensors_checked(
     data = bytearray((folder / TENSORS).read_bytes())
     data[-4:] = b"\x7f" * 4
     (folder / TENSORS).write_bytes(bytes(data))
-    assert_load_fails(folder, wc.AdapterError, r"adapter_model\.safetensors does not match the "
-                                               r"SHA-256 recorded in adapter_config\.json")
+    assert_load_fails(folder, wc.AdapterError, r"weightcond_adapter\.safetensors does not match "
+                                               r"the SHA-256 recorded in weightcond_adapter\.json")
+
+
+# -- the file names (issue 20, item 5) ---------------------------------------------------------
+def with_old_names(folder: Path) -> None:
+    """What weightcond wrote before it had file names of its own: PEFT's."""
+    (folder / CONFIG).rename(folder / PEFT_CONFIG_FILE)
+    (folder / TENSORS).rename(folder / PEFT_TENSORS_FILE)
+
+
+def test_a_save_has_names_of_its_own(saved: tuple[Path, torch.Tensor]) -> None:
+    assert entries(saved[0]) == ["weightcond_adapter.json", "weightcond_adapter.safetensors"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_adapter_with_the_old_file_names_still_loads(
+        version: int, saved: tuple[Path, torch.Tensor]) -> None:
+    folder, expected = saved
+    edit_config(folder, as_format_1 if version == 1 else as_format_2, seal=version == 2)
+    with_old_names(folder)
+    fresh = net()
+    assert wc.load_adapter(fresh, folder) == "default"
+    assert torch.equal(output(fresh), expected)
+
+
+def test_errors_name_the_old_files_an_old_adapter_has(saved: tuple[Path, torch.Tensor]) -> None:
+    folder = saved[0]
+    with_old_names(folder)
+    data = bytearray((folder / PEFT_TENSORS_FILE).read_bytes())
+    data[-4:] = b"\x7f" * 4
+    (folder / PEFT_TENSORS_FILE).write_bytes(bytes(data))
+    assert_load_fails(folder, wc.AdapterError, r"load_adapter: adapter_model\.safetensors does "
+                                               r"not match the SHA-256 recorded in "
+                                               r"adapter_config\.json")
+    (folder / PEFT_TENSORS_FILE).unlink()
+    assert_load_fails(folder, wc.AdapterError, r"load_adapter: '.*' is not a saved adapter: "
+                                               r"adapter_model\.safetensors missing")
+
+
+def test_saving_over_an_old_adapter_replaces_it(saved: tuple[Path, torch.Tensor]) -> None:
+    folder = saved[0]
+    with_old_names(folder)
+    model = conditioned("dora")
+    wc.save_adapter(model, folder)
+    assert entries(folder) == [CONFIG, TENSORS]
+    fresh = net()
+    wc.load_adapter(fresh, folder)
+    assert torch.equal(output(fresh), output(model))
+
+
+def test_each_loader_names_the_other_for_the_other_s_directory(tmp_path: Path) -> None:
+    """A PEFT directory (to_peft writes one) is not a weightcond adapter, and a weightcond
+    adapter, old names or new, is not a PEFT one: each error names the function to use."""
+    model = conditioned("lora")
+    peft_dir = wc.to_peft(model, tmp_path / "peft")
+    assert entries(peft_dir) == [PEFT_CONFIG_FILE, PEFT_TENSORS_FILE]
+    assert_load_fails(peft_dir, wc.AdapterError,
+                      r"load_adapter: adapter_config\.json expected format "
+                      r"'weightcond\.adapter', got None \(a PEFT adapter\? use "
+                      r"weightcond\.from_peft\)")
+    ours = wc.save_adapter(model, tmp_path / "ours")
+    assert_import_fails(ours, wc.AdapterError,
+                        r"from_peft: argument 'path' expected a PEFT adapter directory, got "
+                        r"'.*ours' without adapter_config\.json \(a weightcond adapter: use "
+                        r"weightcond\.load_adapter\)")
+    with_old_names(ours)
+    assert_import_fails(ours, wc.AdapterError,
+                        r"from_peft: adapter_config\.json expected a PEFT configuration, got "
+                        r"format 'weightcond\.adapter' \(a weightcond adapter: use "
+                        r"weightcond\.load_adapter\)")
+
+
+# -- modules saved whole (issue 20, item 4) ---------------------------------------------------
+def with_trained_fc2() -> Net:
+    """A lora adapter on fc1 and fc2 unfrozen and trained with it, as a head would be."""
+    model = conditioned("lora")
+    wc.remove_conditioning(model.fc2)
+    model.fc2.requires_grad_(True)
+    randomize(model.fc2, seed=7)
+    return model
+
+
+def test_a_module_to_save_is_restored_and_trainable(tmp_path: Path) -> None:
+    model = with_trained_fc2()
+    folder = wc.save_adapter(model, tmp_path / "adapter", modules_to_save=["fc2"])
+    assert read_config(folder)["modules"] == {"fc2": {"tensors": ["bias", "weight"]}}
+    fresh = net()
+    wc.load_adapter(fresh, folder)
+    assert torch.equal(output(fresh), output(model))
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad]
+
+    without = net()  # not named: the adapter alone, the head as the base model has it
+    wc.load_adapter(without, wc.save_adapter(model, tmp_path / "alone"))
+    assert torch.equal(without.fc2.weight, net().fc2.weight)
+
+
+@pytest.mark.parametrize(("modules", "error", "pattern"), [
+    ("fc2", wc.OptionError, r"save_adapter: argument 'modules_to_save' expected a list of "
+                            r"module names, got 'fc2'"),
+    (["fc3"], wc.OptionError, r"save_adapter: argument 'modules_to_save' expected names of "
+                              r"modules of the model, got 'fc3'"),
+    ([""], wc.OptionError, r"expected names of modules of the model, got ''"),
+    (["fc1"], wc.AdapterError, r"save_adapter: argument 'modules_to_save' has 'fc1', which "
+                               r"holds or is inside the conditioned layer 'fc1': a module to "
+                               r"save is not also conditioned"),
+], ids=["a-str", "unknown", "the-model", "conditioned"])
+def test_modules_to_save_that_cannot_be_saved_are_refused(
+        modules: Any, error: type[Exception], pattern: str, tmp_path: Path) -> None:
+    with pytest.raises(error, match=pattern):
+        wc.save_adapter(with_trained_fc2(), tmp_path / "adapter", modules_to_save=modules)
+    assert entries(tmp_path) == []
+
+
+def test_a_module_inside_another_is_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+    wc.condition(model, "lora", target_modules="0", rank=2)  # a regex: not 1.0
+    with pytest.raises(wc.AdapterError, match=r"save_adapter: argument 'modules_to_save' has "
+                                              r"'1\.0', which is inside '1', also given"):
+        wc.save_adapter(model, tmp_path / "adapter", modules_to_save=["1.0", "1"])
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    (lambda c: c["modules"].update(fc3={"tensors": ["weight"]}),
+     r"load_adapter: the adapter saves modules the model does not have: 'fc3'"),
+    (lambda c: c["modules"].update(fc2={"tensors": ["weight"]}),
+     r"load_adapter: weightcond_adapter\.safetensors does not match weightcond_adapter\.json: "
+     r"missing none, extra \['fc2\.bias'\]"),
+    (lambda c: c["modules"].update(fc2=["bias", "weight"]),
+     MALFORMED + r"'modules' expected an object of module names to \{'tensors': \[names\]\}"),
+    (lambda c: c["modules"].update(fc1=c["modules"].pop("fc2")),
+     r"load_adapter: the saved module 'fc1' holds or is inside the conditioned layer 'fc1'"),
+])
+def test_a_saved_module_that_does_not_fit_is_refused(change: Callable[[dict[str, Any]], Any],
+                                                     pattern: str, tmp_path: Path) -> None:
+    folder = wc.save_adapter(with_trained_fc2(), tmp_path / "adapter", modules_to_save=["fc2"])
+    if "fc1" in pattern:  # the tensors move with the record
+        def rename(tensors: dict[str, torch.Tensor]) -> None:
+            for key in ("weight", "bias"):
+                tensors[f"fc1.{key}"] = tensors.pop(f"fc2.{key}")
+        edit_tensors(folder, rename)
+    edit_config(folder, change, seal=True)
+    assert_load_fails(folder, wc.AdapterError, pattern)
+
+
+@pytest.mark.parametrize(("value", "pattern"), [
+    (torch.zeros(8, 4), r"load_adapter: tensor 'fc2\.weight' expected shape \(8, 8\), got "
+                        r"\(8, 4\)"),
+    (torch.full((8, 8), float("nan")), r"tensor 'fc2\.weight' expected finite values"),
+    (torch.ones(8, 8, dtype=torch.int64), r"tensor 'fc2\.weight' expected a floating-point "
+                                          r"tensor, got dtype int64"),
+], ids=["shape", "nan", "int64"])
+def test_saved_module_tensors_are_checked(value: torch.Tensor, pattern: str,
+                                          tmp_path: Path) -> None:
+    folder = wc.save_adapter(with_trained_fc2(), tmp_path / "adapter", modules_to_save=["fc2"])
+    edit_tensors(folder, lambda t: t.update({"fc2.weight": value}))
+    assert_load_fails(folder, wc.AdapterError, pattern)
 
 
 @pytest.mark.parametrize(("change", "pattern"), [
     (lambda c: c.pop("recipe_sha256"),
-     r"'recipe_sha256' expected a SHA-256 hex digest \(format 2\), got None"),
+     r"'recipe_sha256' expected a SHA-256 hex digest \(format 2 on\), got None"),
     (lambda c: c.update(recipe_sha256="Z" * 64),
-     r"'recipe_sha256' expected a SHA-256 hex digest \(format 2\), got 'ZZZZ"),
-    (lambda c: c.update(format_version=3),
-     r"format_version expected 1\.\.2, got 3"),
+     r"'recipe_sha256' expected a SHA-256 hex digest \(format 2 on\), got 'ZZZZ"),
+    (lambda c: c.update(format_version=4),
+     r"format_version expected 1\.\.3, got 4"),
 ], ids=["missing", "not-hex", "too-new"])
 def test_a_format_2_adapter_needs_its_recipe_digest(change: Callable[[dict[str, Any]], Any],
                                                    pattern: str,
@@ -389,7 +563,7 @@ def retype(key: str, dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], 
 TENSOR_CASES = [
     ("int64", retype(A, torch.int64),
      rf"load_adapter: tensor '{A}' expected dtype float32 \(the layer's 'dtype' in "
-     r"adapter_config\.json\), got int64"),
+     r"weightcond_adapter\.json\), got int64"),
     ("bool", retype(A, torch.bool), r"expected dtype float32 .*, got bool"),
     ("complex", retype(A, torch.complex64), r"expected dtype float32 .*, got complex64"),
     ("float64", retype(A, torch.float64), r"expected dtype float32 .*, got float64"),
@@ -448,9 +622,9 @@ def layer(name: str, change: Callable[[dict[str, Any]], Any]) -> Callable[[dict[
 
 FIELDS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("format-version-true", lambda c: c.update(format_version=True),
-     MALFORMED + r"format_version expected 1\.\.2, got True"),
+     MALFORMED + r"format_version expected 1\.\.3, got True"),
     ("format-version-float", lambda c: c.update(format_version=2.0),
-     MALFORMED + r"format_version expected 1\.\.2, got 2\.0"),
+     MALFORMED + r"format_version expected 1\.\.3, got 2\.0"),
     ("shape-bool", layer("fc1", lambda r: r.update(shape=[True, 8])),
      MALFORMED + r"layer 'fc1': 'shape' expected \[out, in\], got \[True, 8\]"),
     ("rank-bool", layer("fc1", lambda r: r["update"].update(rank=True)),
@@ -486,7 +660,7 @@ FIELDS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("model-not-a-str", lambda c: c.update(model=None),
      MALFORMED + r"'model' expected a str, got None"),
     ("long-value", lambda c: c.update(format_version=list(range(10_000))),
-     MALFORMED + r"format_version expected 1\.\.2, got \[0, 1, 2, [^\]]{0,80}… \(saved by "),
+     MALFORMED + r"format_version expected 1\.\.3, got \[0, 1, 2, [^\]]{0,80}… \(saved by "),
 ]
 
 
@@ -522,15 +696,15 @@ def peft_dir(tmp_path: Path) -> tuple[Path, torch.Tensor]:
 
 
 def edit_peft(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
-    config = read_config(folder)
+    config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
     change(config)
-    (folder / CONFIG).write_text(json.dumps(config))
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config))
 
 
 def edit_peft_tensors(folder: Path, change: Callable[[dict[str, torch.Tensor]], Any]) -> None:
-    tensors = safetensors.torch.load((folder / TENSORS).read_bytes())
+    tensors = safetensors.torch.load((folder / PEFT_TENSORS_FILE).read_bytes())
     change(tensors)
-    safetensors.torch.save_file(tensors, folder / TENSORS)
+    safetensors.torch.save_file(tensors, folder / PEFT_TENSORS_FILE)
 
 
 def assert_import_fails(folder: Path, error: type[Exception], pattern: str) -> None:
@@ -596,7 +770,7 @@ def test_peft_configuration_fields_of_the_wrong_type_are_refused(
 
 def test_a_deeply_nested_peft_configuration_is_malformed(
         peft_dir: tuple[Path, torch.Tensor]) -> None:
-    (peft_dir[0] / CONFIG).write_text(nested(100_000))
+    (peft_dir[0] / PEFT_CONFIG_FILE).write_text(nested(100_000))
     assert_import_fails(peft_dir[0], wc.AdapterError,
                         r"from_peft: malformed adapter_config\.json: nested more than 64 levels")
 

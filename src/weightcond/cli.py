@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__
 from .errors import OptionError, WeightcondError
-from .io import CONFIG_NAME, TENSORS_NAME
+from .io import adapter_files
 
 __all__ = ["main"]
 
@@ -215,7 +215,7 @@ def _json(value: Any) -> Any:
 def _check_analyze(args: argparse.Namespace) -> None:
     where = "analyze"
     path = Path(args.path)
-    missing = [n for n in (CONFIG_NAME, TENSORS_NAME) if not (path / n).is_file()]
+    missing = [n for n in adapter_files(path) if not (path / n).is_file()]
     if missing:
         state = ("does not exist" if not path.exists() else "is a file" if not path.is_dir()
                  else f"lacks {', '.join(missing)}")

@@ -2,15 +2,26 @@
 
 An adapter directory holds two files:
 
-* ``adapter_config.json`` — the format and library version and, for every conditioned
+* ``weightcond_adapter.json`` — the format and library version and, for every conditioned
   layer, its kind, shape and dtype, the update's rank and alpha, and every conditioner's
   placement, side, transform name, options and ``condition_bias``, in order: enough to
   rebuild each conditioner exactly (the released SORA code loses its rotation on reload;
-  this does not); the SHA-256 of the tensors (``tensors_sha256``), and the SHA-256 of the
-  rest of the configuration (``recipe_sha256``, see Note (the recipe digest)), so a
-  corrupted or hand-edited file fails to load;
-* ``adapter_model.safetensors`` — every tensor of each layer's adapter, under
-  ``<layer name>.<key in the adapter's state_dict>``.
+  this does not); the modules saved whole (``modules``: a trained classification head,
+  say, with the names of its tensors; format 3); the SHA-256 of the tensors
+  (``tensors_sha256``), and the SHA-256 of the rest of the configuration
+  (``recipe_sha256``, see Note (the recipe digest)), so a corrupted or hand-edited file
+  fails to load;
+* ``weightcond_adapter.safetensors`` — every tensor of each layer's adapter, under
+  ``<layer name>.<key in the adapter's state_dict>``, and of each saved module, under
+  ``<module name>.<key in its state_dict>``.
+
+Note (file names): until this version the two files had PEFT's names,
+``adapter_config.json`` and ``adapter_model.safetensors``, so a weightcond adapter looked like
+a PEFT one (``PeftModel.from_pretrained`` failed on it with a bare ``KeyError:
+'peft_type'``) and a PEFT adapter like a weightcond one. :func:`save_adapter` writes the new
+names; :func:`load_adapter` still reads a directory that has only the old ones (format 1 and
+2 alike), and on a PEFT adapter directory it says to use :func:`weightcond.from_peft`;
+:func:`weightcond.to_peft` writes PEFT's names, for PEFT.
 
 Note (the recipe digest): ``recipe_sha256`` is the SHA-256 of the canonical JSON (keys
 sorted, no spaces, ASCII) of every other key of the configuration, ``tensors_sha256``
@@ -18,7 +29,8 @@ included, so it covers the recipe and, through that digest, the tensors: an edit
 temperature, alpha, side, placement, ``condition_bias``, conditioner order or layer name
 loads no more than a flipped bit in a tensor. It is a checksum, not a signature: whoever
 can write the file can recompute it. Format 1 files (written before it) still load, with
-their tensors checked against ``tensors_sha256`` only, as before.
+their tensors checked against ``tensors_sha256`` only, as before; so do format 2 files
+(before ``modules``).
 
 Nothing is ever unpickled: ``json`` and `safetensors <https://huggingface.co/docs/
 safetensors>`_ only (we chose safetensors for tensors on disk: a fixed header, no code).
@@ -61,16 +73,23 @@ from .layer import (
 from .placement import Conditioning
 from .reshape import layer_kind
 
-__all__ = ["CONFIG_NAME", "TENSORS_NAME", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "PEFT_CONFIG_NAME", "PEFT_TENSORS_NAME", "TENSORS_NAME",
+           "adapter_files", "load_adapter", "save_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-TENSORS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "weightcond_adapter.json"
+TENSORS_NAME = "weightcond_adapter.safetensors"
+# PEFT's file names, which weightcond's own adapters had before (Note (file names))
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_TENSORS_NAME = "adapter_model.safetensors"
+_ADAPTER_FILES = (CONFIG_NAME, TENSORS_NAME, PEFT_CONFIG_NAME, PEFT_TENSORS_NAME)
 FORMAT = "weightcond.adapter"
-FORMAT_VERSION = 2  # 2: recipe_sha256; 1: tensors_sha256 only (still read)
+# 3: modules (saved whole); 2: recipe_sha256; 1: tensors_sha256 only (both still read)
+FORMAT_VERSION = 3
 
 # the keys of each level of the configuration, in the order save_adapter writes them
 _KEYS = ("format", "format_version", "weightcond_version", "torch_version", "model",
-         "adapter_name", "layers", "tensors_sha256", "recipe_sha256")
+         "adapter_name", "layers", "modules", "tensors_sha256", "recipe_sha256")
+_SINCE = {"modules": 3, "recipe_sha256": 2}  # the keys of later formats
 _RECORD_KEYS = ("kind", "shape", "dtype", "update", "conditioners", "tensors")
 _UPDATE_KEYS = ("rank", "alpha")
 _ENTRY_KEYS = ("placement", "side", "transform", "options", "condition_bias")
@@ -278,15 +297,59 @@ def _adapter_layers(model: nn.Module, adapter_name: str | None, where: str
     return adapter_name, found
 
 
+def _clash(module: str, layers: Iterable[str]) -> str | None:
+    """The first of ``layers`` that is ``module``, holds it or is inside it."""
+    return next((n for n in layers if n == module or n.startswith(module + ".")
+                 or module.startswith(n + ".")), None)
+
+
+def check_modules_to_save(where: str, model: nn.Module, names: Any,
+                          conditioned: Iterable[str]) -> list[str]:
+    """``names`` (``None``: none) as a list of modules of ``model`` to save whole beside an
+    adapter: each the name of a module, neither a conditioned layer nor holding one nor
+    inside one (their tensors are the adapter's), none inside another; else raise
+    :class:`~weightcond.OptionError` (not names of modules) or
+    :class:`~weightcond.AdapterError`."""
+    if names is None:
+        return []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) \
+            or not all(isinstance(n, str) for n in names):
+        raise OptionError(f"{where}: argument 'modules_to_save' expected a list of module "
+                          f"names, got {brief(names)}")
+    modules = dict(model.named_modules())
+    layers = list(conditioned)
+    for name in names:
+        if not name or name not in modules:
+            raise OptionError(f"{where}: argument 'modules_to_save' expected names of modules "
+                              f"of the model, got {brief(name)}")
+        clash = _clash(name, layers)
+        if clash is not None:
+            raise AdapterError(f"{where}: argument 'modules_to_save' has {name!r}, which holds "
+                               f"or is inside the conditioned layer {clash!r}: a module to "
+                               f"save is not also conditioned")
+        outer = next((n for n in names if name.startswith(n + ".")), None)
+        if outer is not None:
+            raise AdapterError(f"{where}: argument 'modules_to_save' has {name!r}, which is "
+                               f"inside {outer!r}, also given")
+    return list(dict.fromkeys(names))
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
-                 adapter_name: str | None = None) -> Path:
+                 adapter_name: str | None = None,
+                 modules_to_save: list[str] | tuple[str, ...] | None = None) -> Path:
     """Write the adapter ``adapter_name`` (``None``: the active one) of ``model`` to ``path``.
 
-    ``path`` becomes a directory with ``adapter_config.json`` and
-    ``adapter_model.safetensors`` (see :mod:`weightcond.io`); an existing adapter directory
+    ``path`` becomes a directory with ``weightcond_adapter.json`` and
+    ``weightcond_adapter.safetensors`` (see :mod:`weightcond.io`); an existing adapter directory
     there is replaced, atomically (through a symbolic link, the directory it points to).
     :func:`load_adapter` on a freshly loaded base model rebuilds every conditioner and
     reproduces the outputs bit for bit.
+
+    ``modules_to_save`` names modules saved whole beside the adapter — a classification
+    head trained with it, say (:func:`weightcond.condition` leaves heads frozen; a head you
+    unfroze and trained is not part of the adapter unless named here): their tensors
+    (``state_dict``) are written under their names and :func:`load_adapter` writes them back
+    into the model's modules of the same names. PEFT's ``modules_to_save``.
 
     Returns:
         The directory written.
@@ -295,7 +358,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         weightcond.AdapterError: no conditioned layers or no such adapter; a conditioner
             registered as an object (its options are unknown); a tensor with NaN or
             infinite values (no load would accept it); ``path`` not a str or path, holds
-            other files, or lies under a file.
+            other files, or lies under a file; a module to save that is, holds or is
+            inside a conditioned layer, or inside another module to save.
+        weightcond.OptionError: ``modules_to_save`` not a list of the model's module names.
         weightcond.LayerTypeError: ``model`` is not a module.
 
     Example:
@@ -304,7 +369,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         >>> _ = wc.condition(model, "sora", target_modules=["0"], rank=2)
         >>> folder = wc.save_adapter(model, tempfile.mkdtemp() + "/sora")
         >>> sorted(p.name for p in folder.iterdir())
-        ['adapter_config.json', 'adapter_model.safetensors']
+        ['weightcond_adapter.json', 'weightcond_adapter.safetensors']
     """
     from safetensors.torch import save_file
 
@@ -312,10 +377,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     check_model(where, model)
     target = check_path(where, path)
     adapter_name, found = _adapter_layers(model, adapter_name, where)
+    saved = check_modules_to_save(where, model, modules_to_save,
+                                  [n for n, _ in conditioned_layers(model)])
     config: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "weightcond_version": _version(),
         "torch_version": torch.__version__, "model": type(model).__name__,
-        "adapter_name": adapter_name, "layers": {},
+        "adapter_name": adapter_name, "layers": {}, "modules": {},
     }
     tensors: dict[str, Tensor] = {}
     for name, layer, conditioning in found:
@@ -323,6 +390,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         state = conditioning.state_dict()
         record["tensors"] = sorted(state)
         config["layers"][name] = record
+        for key, value in state.items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    # no module to save is, holds or is inside a conditioned layer, so no name is taken twice
+    for name in saved:
+        state = model.get_submodule(name).state_dict()
+        config["modules"][name] = {"tensors": sorted(state)}
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
     config["tensors_sha256"] = _digest(tensors)
@@ -333,7 +406,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
 
 
 def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, Tensor],
-                      save_file: Any, where: str) -> None:
+                      save_file: Any, where: str,
+                      names: tuple[str, str] = (CONFIG_NAME, TENSORS_NAME)) -> None:
+    """Write ``config`` and ``tensors`` as the files ``names`` of the directory ``target``,
+    atomically; an existing directory is replaced only if it holds nothing but adapter files
+    (weightcond's or PEFT's names)."""
+    config_name, tensors_name = names
     for key, value in tensors.items():  # what no load accepts is not written
         if value.is_floating_point() and not _finite(value):
             raise AdapterError(f"{where}: tensor {key!r} has NaN or infinite values; a saved "
@@ -351,18 +429,18 @@ def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, T
                            f"directory, got {str(target)!r}, but its {relation} "
                            f"{str(ancestor)!r} {state}")
     if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()}
-                                <= {CONFIG_NAME, TENSORS_NAME}):
+                                <= set(_ADAPTER_FILES)):
         raise AdapterError(f"{where}: argument 'path' expected a new directory or a saved "
                            f"adapter to replace, got {str(target)!r}, which holds other files")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_directory(target)
     old = staging.with_suffix(".old")
     try:
-        save_file(tensors, staging / TENSORS_NAME, metadata={"format": "pt"})
-        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
+        save_file(tensors, staging / tensors_name, metadata={"format": "pt"})
+        with open(staging / config_name, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, allow_nan=False)
             f.write("\n")
-        for name in (TENSORS_NAME, CONFIG_NAME):
+        for name in names:
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
         if target.exists():
@@ -438,18 +516,18 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def read_json(path: Path, where: str) -> Any:
-    """The parsed ``adapter_config.json`` of the directory ``path``: strict JSON (no NaN or
-    infinities, no duplicate keys, no numbers out of range, at most 64 levels deep)."""
-    nested = f"malformed {CONFIG_NAME}: nested more than {_MAX_DEPTH} levels deep"
+def read_json(file: Path, where: str) -> Any:
+    """The parsed JSON file ``file``: strict JSON (no NaN or infinities, no duplicate keys,
+    no numbers out of range, at most 64 levels deep)."""
+    nested = f"malformed {file.name}: nested more than {_MAX_DEPTH} levels deep"
     try:
-        value = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"),
+        value = json.loads(file.read_text(encoding="utf-8"),
                            object_pairs_hook=_json_object, parse_float=_json_float,
                            parse_int=_json_int, parse_constant=_json_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({error})") from None
+        raise AdapterError(f"{where}: {file.name} is not valid JSON ({error})") from None
     except _Malformed as error:
-        raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {error}") from None
+        raise AdapterError(f"{where}: malformed {file.name}: {error}") from None
     except RecursionError:
         raise AdapterError(f"{where}: {nested}") from None
     if _too_deep(value, _MAX_DEPTH):
@@ -457,117 +535,139 @@ def read_json(path: Path, where: str) -> Any:
     return value
 
 
-def read_tensors(path: Path, where: str) -> dict[str, Tensor]:
-    """The tensors of ``adapter_model.safetensors`` in ``path`` (safetensors only: nothing is
-    unpickled)."""
+def read_tensors(file: Path, where: str) -> dict[str, Tensor]:
+    """The tensors of the safetensors file ``file`` (nothing is unpickled)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path / TENSORS_NAME)
+        return load_file(file)
     except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterError(f"{where}: {TENSORS_NAME} is not a readable safetensors file "
+        raise AdapterError(f"{where}: {file.name} is not a readable safetensors file "
                            f"(truncated, corrupted or another format): {error}") from None
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def adapter_files(path: Path) -> tuple[str, str]:
+    """The names of the configuration and tensors files of the saved adapter in the
+    directory ``path``: :data:`CONFIG_NAME` and :data:`TENSORS_NAME`, or PEFT's names where
+    only those are there (an adapter saved by an earlier weightcond, or a PEFT adapter, which
+    :func:`load_adapter` refuses, naming :func:`~weightcond.from_peft`). See Note (file
+    names)."""
+    own = (CONFIG_NAME, TENSORS_NAME)
+    legacy = (PEFT_CONFIG_NAME, PEFT_TENSORS_NAME)
+    if not any((path / n).exists() for n in own) and any((path / n).exists() for n in legacy):
+        return legacy
+    return own
+
+
+def _read(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor], tuple[str, str]]:
     if not path.is_dir():
         state = "is a file" if path.exists() else "does not exist"
         raise AdapterError(f"{where}: argument 'path' expected a saved adapter directory, got "
                            f"{str(path)!r}, which {state}")
-    missing = [n for n in (CONFIG_NAME, TENSORS_NAME) if not (path / n).is_file()]
+    names = config_name, tensors_name = adapter_files(path)
+    missing = [n for n in names if not (path / n).is_file()]
     if missing:
         raise AdapterError(f"{where}: {str(path)!r} is not a saved adapter: "
                            f"{', '.join(missing)} missing")
-    config = read_json(path, where)
-    _check_config(config, where)
+    config = read_json(path / config_name, where)
+    try:
+        _check_config(config, where, config_name)
+    except _Malformed as error:
+        raise AdapterError(f"{where}: malformed {config_name}: {error}") from None
     if config["format_version"] >= 2 and _recipe_digest(config) != config["recipe_sha256"]:
-        raise AdapterError(f"{where}: {CONFIG_NAME} does not match the SHA-256 of its recipe "
+        raise AdapterError(f"{where}: {config_name} does not match the SHA-256 of its recipe "
                            f"recorded in it ('recipe_sha256'): edited after it was saved, or "
                            f"corrupted")
-    tensors = read_tensors(path, where)
+    tensors = read_tensors(path / tensors_name, where)
     if _digest(tensors) != config["tensors_sha256"]:
-        raise AdapterError(f"{where}: {TENSORS_NAME} does not match the SHA-256 recorded in "
-                           f"{CONFIG_NAME} (corrupted, or not the file saved with it)")
-    return config, tensors
+        raise AdapterError(f"{where}: {tensors_name} does not match the SHA-256 recorded in "
+                           f"{config_name} (corrupted, or not the file saved with it)")
+    return config, tensors, names
 
 
-def _expect(condition: bool, where: str, what: str) -> None:
+def _expect(condition: bool, what: str) -> None:
     if not condition:
-        raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {what}")
+        raise _Malformed(what)
 
 
-def _known_keys(value: dict[str, Any], keys: tuple[str, ...], where: str, what: str) -> None:
+def _known_keys(value: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
     unknown = [k for k in value if k not in keys]
     if unknown:
-        raise AdapterError(f"{where}: malformed {CONFIG_NAME}: {what}the unknown key "
-                           f"{brief(unknown[0])}; expected {', '.join(map(repr, keys))}")
+        raise _Malformed(f"{what}the unknown key {brief(unknown[0])}; expected "
+                         f"{', '.join(map(repr, keys))}")
 
 
-def _check_config(config: Any, where: str) -> None:
-    """Types and ranges of every field (what needs the model, at :func:`_rebuild`)."""
-    _expect(isinstance(config, dict), where, "expected a JSON object")
+def _check_config(config: Any, where: str, config_name: str) -> None:
+    """Types and ranges of every field (what needs the model, at :func:`_rebuild`); a
+    malformed field raises :class:`_Malformed`."""
+    _expect(isinstance(config, dict), "expected a JSON object")
     if config.get("format") != FORMAT:
-        raise AdapterError(f"{where}: {CONFIG_NAME} expected format {FORMAT!r}, got "
+        raise AdapterError(f"{where}: {config_name} expected format {FORMAT!r}, got "
                            f"{brief(config.get('format'))} (a PEFT adapter? use "
                            f"weightcond.from_peft)")
     version = config.get("format_version")
-    _expect(is_int(version) and 1 <= version <= FORMAT_VERSION, where,
+    _expect(is_int(version) and 1 <= version <= FORMAT_VERSION,
             f"format_version expected 1..{FORMAT_VERSION}, got {brief(version)} (saved by "
             f"weightcond {brief(config.get('weightcond_version'))}; this is {_version()})")
-    keys = _KEYS if version >= 2 else _KEYS[:-1]  # format 1 has no recipe digest
-    _known_keys(config, keys, where, "the configuration has ")
+    keys = tuple(k for k in _KEYS if _SINCE.get(k, 1) <= version)
+    _known_keys(config, keys, "the configuration has ")
     for key in ("weightcond_version", "torch_version", "model"):
-        _expect(isinstance(config.get(key), str), where,
+        _expect(isinstance(config.get(key), str),
                 f"{key!r} expected a str, got {brief(config.get(key))}")
     try:
         check_adapter_name(where, config.get("adapter_name"))
     except OptionError:
-        _expect(False, where, f"'adapter_name' expected a name of letters, digits, '_' and '-', "
-                              f"got {brief(config.get('adapter_name'))}")
+        _expect(False, f"'adapter_name' expected a name of letters, digits, '_' and '-', "
+                       f"got {brief(config.get('adapter_name'))}")
     for key in ("tensors_sha256", "recipe_sha256")[:version]:
         digest = config.get(key)
-        _expect(isinstance(digest, str) and bool(_SHA256.fullmatch(digest)), where,
+        _expect(isinstance(digest, str) and bool(_SHA256.fullmatch(digest)),
                 f"{key!r} expected a SHA-256 hex digest"
-                f"{' (format 2)' if key == 'recipe_sha256' else ''}, got {brief(digest)}")
+                f"{' (format 2 on)' if key == 'recipe_sha256' else ''}, got {brief(digest)}")
     layers = config.get("layers")
-    _expect(isinstance(layers, dict) and bool(layers), where, "'layers' expected a non-empty "
-            "object")
+    _expect(isinstance(layers, dict) and bool(layers), "'layers' expected a non-empty object")
     for name, record in layers.items():
-        _check_record(f"layer {name!r}", record, where)
+        _check_record(f"layer {name!r}", record)
+    saved = config.get("modules", {})  # none before format 3
+    _expect(isinstance(saved, dict) and all(
+        isinstance(r, dict) and list(r) == ["tensors"] and isinstance(r["tensors"], list)
+        and all(isinstance(k, str) for k in r["tensors"]) for r in saved.values()),
+        f"'modules' expected an object of module names to {{'tensors': [names]}}, got "
+        f"{brief(saved)}")
 
 
-def _check_record(at: str, record: Any, where: str) -> None:
-    _expect(isinstance(record, dict), where, f"{at} expected an object")
-    _known_keys(record, _RECORD_KEYS, where, f"{at} has ")
-    _expect(isinstance(record.get("kind"), str), where, f"{at}: 'kind' expected a str")
+def _check_record(at: str, record: Any) -> None:
+    _expect(isinstance(record, dict), f"{at} expected an object")
+    _known_keys(record, _RECORD_KEYS, f"{at} has ")
+    _expect(isinstance(record.get("kind"), str), f"{at}: 'kind' expected a str")
     shape = record.get("shape")
     _expect(isinstance(shape, list) and len(shape) == 2
-            and all(is_int(v) and v > 0 for v in shape), where,
+            and all(is_int(v) and v > 0 for v in shape),
             f"{at}: 'shape' expected [out, in], got {brief(shape)}")
-    _expect(record.get("dtype") in _FLOAT_DTYPES, where,
+    _expect(record.get("dtype") in _FLOAT_DTYPES,
             f"{at}: 'dtype' expected one of {', '.join(map(repr, sorted(_FLOAT_DTYPES)))}, got "
             f"{brief(record.get('dtype'))}")
     update = record.get("update")
     _expect(update is None or (isinstance(update, dict) and is_int(update.get("rank"))
                                and is_finite_number(update.get("alpha"))),
-            where, f"{at}: 'update' expected null or {{'rank': int, 'alpha': number}}, got "
+            f"{at}: 'update' expected null or {{'rank': int, 'alpha': number}}, got "
                    f"{brief(update)}")
     if update is not None:
-        _known_keys(update, _UPDATE_KEYS, where, f"{at}: 'update' has ")
+        _known_keys(update, _UPDATE_KEYS, f"{at}: 'update' has ")
     entries = record.get("conditioners")
-    _expect(isinstance(entries, list), where, f"{at}: 'conditioners' expected a list")
+    _expect(isinstance(entries, list), f"{at}: 'conditioners' expected a list")
     for i, entry in enumerate(entries):
         _expect(isinstance(entry, dict)
                 and all(isinstance(entry.get(k), str) for k in ("placement", "side", "transform"))
                 and isinstance(entry.get("options"), dict)
-                and isinstance(entry.get("condition_bias"), bool), where,
+                and isinstance(entry.get("condition_bias"), bool),
                 f"{at}: conditioner {i} expected placement, side, transform, options and "
                 f"condition_bias")
-        _known_keys(entry, _ENTRY_KEYS, where, f"{at}: conditioner {i} has ")
+        _known_keys(entry, _ENTRY_KEYS, f"{at}: conditioner {i} has ")
     _expect(isinstance(record.get("tensors"), list)
-            and all(isinstance(k, str) for k in record["tensors"]), where,
+            and all(isinstance(k, str) for k in record["tensors"]),
             f"{at}: 'tensors' expected a list of names")
 
 
@@ -598,7 +698,7 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
 
 
 def _fill(name: str, conditioning: Conditioning, record: dict[str, Any],
-          tensors: dict[str, Tensor], where: str) -> None:
+          tensors: dict[str, Tensor], where: str, config_name: str) -> None:
     state = conditioning.state_dict()
     if sorted(state) != sorted(record["tensors"]):
         raise AdapterError(f"{where}: layer {name!r}: the rebuilt adapter has tensors "
@@ -612,7 +712,7 @@ def _fill(name: str, conditioning: Conditioning, record: dict[str, Any],
         floating = expected.is_floating_point()
         dtype = saved if floating else expected.dtype
         if value.dtype != dtype:
-            whose = f" (the layer's 'dtype' in {CONFIG_NAME})" if floating else ""
+            whose = f" (the layer's 'dtype' in {config_name})" if floating else ""
             raise AdapterError(f"{where}: tensor {full!r} expected dtype {_dtype_name(dtype)}"
                                f"{whose}, got {_dtype_name(value.dtype)}")
         if floating:
@@ -631,7 +731,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     Every conditioner is rebuilt from the saved recipe and every tensor loaded, so the
     outputs equal the saved model's bit for bit (same dtype and device). The adapter is
     named ``adapter_name`` (``None``: the saved name) and becomes the active one; as with
-    :func:`weightcond.condition`, only its parameters are left trainable.
+    :func:`weightcond.condition`, only its parameters are left trainable — and those of the
+    modules saved with it (``modules_to_save`` of :func:`save_adapter`), which are written
+    into the model's modules of the same names: they are the model's, shared by all its
+    adapters, and no :func:`weightcond.remove_conditioning` restores them.
 
     Returns:
         The adapter's name.
@@ -642,8 +745,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
             out-of-range numbers, a field of the wrong type or range, unknown keys), a
             recipe or tensors that do not match their SHA-256, missing or extra tensors or
             layers, tensors of another dtype or shape or with NaN or infinite values, other
-            layer types, an unknown transform or option; the model is left exactly as it
-            was. Nothing is unpickled.
+            layer types, an unknown transform or option, saved modules the model lacks or
+            has conditioned; the model is left exactly as it was. Nothing is unpickled.
         weightcond.StateError: a layer already has an adapter of that name.
         weightcond.LayerTypeError: ``model`` is not a module.
 
@@ -667,7 +770,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
 
     where = "load_adapter"
     check_model(where, model)
-    config, tensors = _read(check_path(where, path), where)
+    config, tensors, (config_name, tensors_name) = _read(check_path(where, path), where)
     name = config["adapter_name"] if adapter_name is None else adapter_name
     check_adapter_name(where, name)
     records: dict[str, dict[str, Any]] = config["layers"]
@@ -677,21 +780,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         raise AdapterError(f"{where}: the adapter conditions layers the model does not have: "
                            f"{', '.join(map(repr, absent[:5]))}{' …' if len(absent) > 5 else ''}"
                            f" (an adapter for another model?)")
-    expected = {f"{n}.{k}" for n, r in records.items() for k in r["tensors"]}
+    saved: dict[str, dict[str, Any]] = config.get("modules", {})  # format 3 on
+    absent = [n for n in saved if n not in modules]
+    if absent:
+        raise AdapterError(f"{where}: the adapter saves modules the model does not have: "
+                           f"{', '.join(map(repr, absent[:5]))} (an adapter for another model?)")
+    expected = {f"{n}.{k}" for n, r in [*records.items(), *saved.items()] for k in r["tensors"]}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise AdapterError(f"{where}: {TENSORS_NAME} does not match {CONFIG_NAME}: missing "
+        raise AdapterError(f"{where}: {tensors_name} does not match {config_name}: missing "
                            f"{missing[:5] or 'none'}, extra {extra[:5] or 'none'}")
     taken = [n for n in records if is_conditioned(modules[n])
              and name in _adapters(modules[n]).adapters]
     if taken:
         raise StateError(f"{where}: argument 'adapter_name' expected a new adapter, got "
                          f"{name!r}, which layer {taken[0]!r} already has; pass another name")
+    copies = _module_tensors(model, saved, tensors, records, where, config_name)
     built: list[tuple[str, Conditioning]] = []
     for layer_name, record in records.items():
         try:
             conditioning = _rebuild(layer_name, modules[layer_name], record, name, where)
-            _fill(layer_name, conditioning, record, tensors, where)
+            _fill(layer_name, conditioning, record, tensors, where, config_name)
         except (AdapterError, StateError):
             raise
         except WeightcondError as error:  # the builders' messages already start with where
@@ -714,5 +823,43 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     for _, conditioning in built:
         for c in conditioning.conditioners():
             c.transform._weightcond_attached = True
+    with torch.no_grad():
+        for target, value in copies:
+            target.copy_(value)
     _activate(model, name)
+    for target, _ in copies:  # trained with the adapter: trainable with it
+        if isinstance(target, nn.Parameter):
+            target.requires_grad_(True)
     return name
+
+
+def _module_tensors(model: nn.Module, saved: dict[str, dict[str, Any]],
+                    tensors: dict[str, Tensor], records: dict[str, Any], where: str,
+                    config_name: str) -> list[tuple[Tensor, Tensor]]:
+    """Each saved module's tensor in the model and the value to copy into it: checked
+    (names, shapes, dtypes, finite) and cast, before anything changes."""
+    layers = [*records, *(n for n, _ in conditioned_layers(model))]
+    copies = []
+    for module_name, record in saved.items():
+        clash = _clash(module_name, layers)
+        if clash is not None:
+            raise AdapterError(f"{where}: the saved module {module_name!r} holds or is inside "
+                               f"the conditioned layer {clash!r}")
+        state = model.get_submodule(module_name).state_dict(keep_vars=True)
+        if sorted(state) != sorted(record["tensors"]):
+            raise AdapterError(f"{where}: module {module_name!r} has tensors {sorted(state)}, "
+                               f"{config_name} lists {sorted(record['tensors'])}")
+        for key, target in state.items():
+            full = f"{module_name}.{key}"
+            value = tensors[full]
+            if tuple(value.shape) != tuple(target.shape):
+                raise AdapterError(f"{where}: tensor {full!r} expected shape "
+                                   f"{tuple(target.shape)}, got {tuple(value.shape)}")
+            if target.is_floating_point():
+                check_tensor(where, full, value)
+                value = cast_finite(where, full, value, target, "the model's dtype")
+            elif value.dtype != target.dtype:
+                raise AdapterError(f"{where}: tensor {full!r} expected dtype "
+                                   f"{_dtype_name(target.dtype)}, got {_dtype_name(value.dtype)}")
+            copies.append((target, value))
+    return copies

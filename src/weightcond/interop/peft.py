@@ -1,10 +1,11 @@
-"""Import PEFT adapters into weightcond and export weightcond adapters to PEFT.
+r"""Import PEFT adapters into weightcond and export weightcond adapters to PEFT.
 
 :func:`from_peft` reads a PEFT adapter directory (``adapter_config.json`` and
-``adapter_model.safetensors``) onto a model; :func:`to_peft` writes ``lora`` and ``dora``
-adapters in that format, for ``PeftModel.from_pretrained``; :func:`from_peft_tensors` does
-one layer from tensors. Neither needs ``peft`` installed. The mappings, each tested for
-equal outputs against the installed ``peft``:
+``adapter_model.safetensors``) onto a model; :func:`to_peft` writes ``lora``, ``dora``,
+``oft``, ``boft`` and ``hra`` adapters in that format, for ``PeftModel.from_pretrained``;
+:func:`from_peft_tensors` does one layer from tensors. Neither needs ``peft`` installed.
+The mappings, each tested in both directions for equal outputs against the installed
+``peft``:
 
 * LoRA / DoRA: ``lora_A`` → ``A``, ``lora_B`` → ``B``, ``lora_magnitude_vector`` → the
   magnitude; ``alpha`` is PEFT's ``lora_alpha``.
@@ -22,6 +23,20 @@ equal outputs against the installed ``peft``:
   ``boft`` preset's ``full_blocks=True``; PEFT's Cayley of :math:`(D - D^\top)/2` on row
   vectors is our Cayley of :math:`D - D^\top` on columns); ``boft_s`` → the output
   ``diag``.
+* ``modules_to_save`` (a classification head: PEFT's ``task_type="SEQ_CLS"``): PEFT saves
+  each such module's tensors under the module's own name (``classifier.weight``, not its
+  wrapper's ``classifier.modules_to_save.default.weight``); they are written into the
+  model's module of that name and left trainable, as PEFT's copy is.
+
+Decision (what exports): a conditioning exports when PEFT computes the same function with
+one configuration for every layer. Conversions that change no function are made, exactly
+where the arithmetic allows: an OFT ``scale`` other than PEFT's rescales the generator
+(exact for powers of two: ``scale=1`` gives ``oft_R`` = g/2), full OFT blocks become their
+skew triangle, and triangular BOFT blocks become full blocks with zeros below (exact);
+such an export computes our function but trains on PEFT's parametrization. Other maps,
+sides, transforms, an update beside a rotation, convolutions for OFT/BOFT/HRA (PEFT's
+convolution forms are other functions) and options that differ between layers are refused,
+naming the layer and why.
 """
 
 from __future__ import annotations
@@ -49,12 +64,15 @@ from ..errors import (
 )
 from ..io import (
     CONFIG_NAME,
-    TENSORS_NAME,
+    FORMAT,
+    PEFT_CONFIG_NAME,
+    PEFT_TENSORS_NAME,
     _adapter_layers,
     _write_atomically,
     brief,
     cast_finite,
     check_model,
+    check_modules_to_save,
     check_path,
     check_tensor,
     is_finite_number,
@@ -62,9 +80,17 @@ from ..io import (
     read_json,
     read_tensors,
 )
-from ..layer import DEFAULT_ADAPTER, _adapters, check_adapter_name, is_conditioned
+from ..layer import (
+    DEFAULT_ADAPTER,
+    _adapters,
+    check_adapter_name,
+    conditioned_layers,
+    is_conditioned,
+)
 from ..layer import remove_conditioning as _remove
+from ..placement import Conditioner, Conditioning
 from ..presets import Applied, apply_preset
+from ..transforms import Block, Butterfly, Diag, Householder, Magnitude, Transform
 
 __all__ = ["from_peft", "from_peft_tensors", "to_peft"]
 
@@ -244,14 +270,14 @@ _FLATTEN = {"lora_A": lambda t: t.reshape(t.shape[0], -1),
             "lora_B": lambda t: t.reshape(t.shape[0], -1),
             "lora_magnitude_vector": lambda t: t.reshape(-1)}
 # options that change what PEFT computes and that weightcond does not reproduce
-_UNSUPPORTED = ("modules_to_save", "lora_bias", "use_qalora", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication",
                 "trainable_token_indices", "target_parameters", "use_bdlora",
                 "alora_invocation_tokens", "arrow_config", "coft")
 
 
 def _field(config: Mapping[str, Any], key: str, ok: bool, what: str, where: str) -> None:
     if not ok:
-        raise AdapterError(f"{where}: {CONFIG_NAME} expected {key!r} to be {what}, got "
+        raise AdapterError(f"{where}: {PEFT_CONFIG_NAME} expected {key!r} to be {what}, got "
                            f"{brief(config.get(key))}")
 
 
@@ -261,7 +287,7 @@ def _method(config: Mapping[str, Any], where: str) -> str:
     methods = {"LORA": "dora" if config.get("use_dora") else "lora", "OFT": "oft", "HRA": "hra",
                "BOFT": "boft"}
     if not isinstance(kind, str) or kind not in methods:
-        raise AdapterError(f"{where}: {CONFIG_NAME} expected peft_type one of "
+        raise AdapterError(f"{where}: {PEFT_CONFIG_NAME} expected peft_type one of "
                            f"{', '.join(map(repr, methods))}, got {brief(kind)}")
     bad = [k for k in _UNSUPPORTED if config.get(k)]
     if config.get("bias", "none") != "none":
@@ -287,7 +313,7 @@ def _check_patterns(config: Mapping[str, Any], key: str, valid: Callable[[Any], 
         try:
             re.compile(rf"(.*\.)?({pattern})$")
         except (re.error, RecursionError, OverflowError) as error:
-            raise AdapterError(f"{where}: {CONFIG_NAME} {key!r} has the key {brief(pattern)}, "
+            raise AdapterError(f"{where}: {PEFT_CONFIG_NAME} {key!r} has the key {brief(pattern)}, "
                                f"which is not a valid regular expression ({error})") from None
 
 
@@ -324,7 +350,7 @@ def _check_rank(config: Mapping[str, Any], name: str, given: Mapping[str, Tensor
     expected = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
     if lora_a.shape[0] != expected:
         raise AdapterError(f"{where}: layer {name!r}: lora_A has rank {lora_a.shape[0]}, but "
-                           f"{CONFIG_NAME} gives it rank {expected} ('r' and 'rank_pattern')")
+                           f"{PEFT_CONFIG_NAME} gives it rank {expected} ('r' and 'rank_pattern')")
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -354,41 +380,91 @@ def _layer_options(method: str, config: Mapping[str, Any], name: str, rank: int
 
 
 def _read_peft(path: Path, where: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if not (path / CONFIG_NAME).is_file():
+    ours = " (a weightcond adapter: use weightcond.load_adapter)"
+    if not (path / PEFT_CONFIG_NAME).is_file():
+        hint = ours if (path / CONFIG_NAME).is_file() else ""
         raise AdapterError(f"{where}: argument 'path' expected a PEFT adapter directory, got "
-                           f"{str(path)!r} without {CONFIG_NAME}")
-    if not (path / TENSORS_NAME).is_file():
+                           f"{str(path)!r} without {PEFT_CONFIG_NAME}{hint}")
+    if not (path / PEFT_TENSORS_NAME).is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir()))
-        raise AdapterError(f"{where}: {str(path)!r} has no {TENSORS_NAME} (found {found}); "
+        raise AdapterError(f"{where}: {str(path)!r} has no {PEFT_TENSORS_NAME} (found {found}); "
                            f"only safetensors adapters are read: nothing is unpickled")
-    config = read_json(path, where)
+    config = read_json(path / PEFT_CONFIG_NAME, where)
     if not isinstance(config, dict):
-        raise AdapterError(f"{where}: {CONFIG_NAME} expected a JSON object")
-    tensors = read_tensors(path, where)
+        raise AdapterError(f"{where}: {PEFT_CONFIG_NAME} expected a JSON object")
+    if config.get("format") == FORMAT:  # saved by weightcond before its own file names
+        raise AdapterError(f"{where}: {PEFT_CONFIG_NAME} expected a PEFT configuration, got "
+                           f"format {FORMAT!r}{ours}")
+    tensors = read_tensors(path / PEFT_TENSORS_NAME, where)
     return config, tensors
 
 
-def _group(tensors: Mapping[str, Tensor], where: str) -> dict[str, dict[str, Tensor]]:
-    """PEFT's flat tensor names grouped by layer name; each tensor floating-point and
-    finite, and each of a layer's tensors given once (``oft_R`` and ``oft_R.weight`` are
-    two names of one tensor)."""
+def _group(tensors: Mapping[str, Tensor], where: str
+           ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """PEFT's flat tensor names grouped by layer name, each of a layer's tensors given once
+    (``oft_R`` and ``oft_R.weight`` are two names of one tensor) and each floating-point and
+    finite; and the other tensors (of ``modules_to_save``, under the modules' own names)."""
     grouped: dict[str, dict[str, Tensor]] = {}
+    others: dict[str, Tensor] = {}
     sources: dict[tuple[str, str], str] = {}
     for key, value in tensors.items():
         suffix = next((s for s in sorted(_SUFFIXES, key=len, reverse=True)
                        if key.endswith("." + s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
-            raise AdapterError(f"{where}: unexpected tensor {key!r} in {TENSORS_NAME} (expected "
-                               f"'{_PREFIX}<module>.<{'|'.join(sorted(set(_SUFFIXES.values())))}>')")
+            others[key] = value
+            continue
         check_tensor(where, key, value)
         layer, slot = key[len(_PREFIX):-len(suffix) - 1], _SUFFIXES[suffix]
         if (layer, slot) in sources:
             first, second = sorted((sources[layer, slot], key))
-            raise AdapterError(f"{where}: {TENSORS_NAME} has two tensors for {slot!r} of layer "
-                               f"{layer!r}: {first!r}, {second!r}")
+            raise AdapterError(f"{where}: {PEFT_TENSORS_NAME} has two tensors for {slot!r} of "
+                               f"layer {layer!r}: {first!r}, {second!r}")
         sources[layer, slot] = key
         grouped.setdefault(layer, {})[slot] = value
-    return grouped
+    return grouped, others
+
+
+def _saved_modules(model: nn.Module, config: Mapping[str, Any], others: Mapping[str, Tensor],
+                   where: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """The tensors of PEFT's ``modules_to_save``, each with the model's tensor it replaces
+    (checked: shape, finite, castable to its dtype; cast), by the name in the model.
+
+    PEFT saves a module to save under the module's own name (``classifier.weight``, not its
+    wrapper's ``classifier.modules_to_save.default.weight``); a module is one to save when
+    its name ends with an entry of ``modules_to_save`` (PEFT's ``endswith``)."""
+    entries = config.get("modules_to_save") or []
+    _field(config, "modules_to_save", isinstance(entries, list)
+           and all(isinstance(e, str) and e for e in entries), "null or a list of names", where)
+    expected = (f"'{_PREFIX}<module>.<{'|'.join(sorted(set(_SUFFIXES.values())))}>'"
+                + (", or a tensor of modules_to_save" if entries else ""))
+    targets = model.state_dict(keep_vars=True)
+    found: dict[str, tuple[Tensor, Tensor]] = {}
+    absent = []
+    for key, value in others.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else ""
+        prefixes = [name[:i] for i, char in enumerate(name) if char == "."]
+        if not any(p.endswith(e) for p in prefixes for e in entries):
+            raise AdapterError(f"{where}: unexpected tensor {key!r} in {PEFT_TENSORS_NAME} "
+                               f"(expected {expected})")
+        if name not in targets:
+            absent.append(name)
+            continue
+        target = targets[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise AdapterError(f"{where}: tensor {key!r} (modules_to_save) expected shape "
+                               f"{tuple(target.shape)}, got {tuple(value.shape)}")
+        if target.is_floating_point():
+            check_tensor(where, key, value)
+            value = cast_finite(where, key, value, target, "the model's dtype")
+        elif value.dtype != target.dtype:
+            raise AdapterError(f"{where}: tensor {key!r} (modules_to_save) expected dtype "
+                               f"{target.dtype}, got {value.dtype}")
+        found[name] = (target, value.to(target.device))
+    if absent:
+        raise AdapterError(f"{where}: the PEFT adapter has modules_to_save tensors the model "
+                           f"does not have: {', '.join(map(repr, absent[:5]))} (another "
+                           f"model, or a conditioned module?)")
+    return found
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
@@ -403,16 +479,21 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
     only its parameters are left trainable. Dropout options are ignored (they do not change
     outputs at evaluation).
 
+    The modules of ``modules_to_save`` (a classification head: PEFT's ``task_type="SEQ_CLS"``
+    saves ``classifier``/``score``) are written into ``model``'s modules of the same names,
+    in place, and left trainable, as in PEFT; :func:`weightcond.remove_conditioning` does not
+    restore them (PEFT keeps the original beside its copy; here it is overwritten).
+
     Returns:
-        Each conditioned layer's name and preset.
+        Each conditioned layer's name and preset (not the modules to save).
 
     Raises:
-        weightcond.AdapterError: not a PEFT safetensors adapter, an unsupported method or
-            option (``modules_to_save``, trained biases, ...), a malformed configuration (an
-            option of the wrong type, a pattern that is not a regular expression, a rank
-            other than the tensors'), tensors for layers the model does not have, tensors
-            that are not floating-point or not finite, wrong shapes; the model is left as it
-            was.
+        weightcond.AdapterError: not a PEFT safetensors adapter (a weightcond adapter names
+            :func:`weightcond.load_adapter`), an unsupported method or option (trained
+            biases, ...), a malformed configuration (an option of the wrong type, a pattern
+            that is not a regular expression, a rank other than the tensors'), tensors for
+            layers or modules the model does not have, tensors that are not floating-point
+            or not finite, wrong shapes; the model is left as it was.
         weightcond.LayerTypeError: ``model`` is not a module.
     """
     from ..model import _activate
@@ -424,13 +505,15 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
     config, tensors = _read_peft(folder, where)
     method = _method(config, where)
     _check_peft_config(config, method, where)
-    grouped = _group(tensors, where)
+    grouped, others = _group(tensors, where)
+    saved = _saved_modules(model, config, others, where)
     modules = dict(model.named_modules())
     absent = [n for n in grouped if n not in modules]
     if absent:
         raise AdapterError(f"{where}: the PEFT adapter has tensors for modules the model does "
                            f"not have: {', '.join(map(repr, absent[:5]))} (another model?)")
     done: list[tuple[nn.Module, str | None]] = []
+    copied: list[tuple[Tensor, Tensor]] = []
     try:
         for name, given in grouped.items():
             layer = modules[name]
@@ -448,29 +531,155 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
             except WeightcondError as error:
                 raise AdapterError(f"{where}: layer {name!r}: {error}") from None
             done.append((layer, previous))
+        with torch.no_grad():
+            for target, value in saved.values():
+                copied.append((target, target.detach().clone()))
+                target.copy_(value)
     except Exception:
+        with torch.no_grad():
+            for target, old in copied:
+                target.copy_(old)
         for layer, previous in done:
             _undo(layer, adapter_name, previous)
         raise
     _activate(model, adapter_name)
+    for target, _ in saved.values():  # trained in PEFT, and trainable there
+        if isinstance(target, nn.Parameter):
+            target.requires_grad_(True)
     return {name: method for name in grouped}
 
 
-def _export_kind(name: str, layer: nn.Module, conditioning: Any, where: str) -> str:
-    conditioners = conditioning.conditioners()
-    if conditioning.update is not None and not conditioners:
-        return "lora"
-    if conditioning.update is not None and len(conditioners) == 1:
-        c = conditioners[0]
-        if (c.transform.name, c.placement, c.side, c.condition_bias) == \
-                ("magnitude", "post", "left", False):
-            return "dora"
+# -- export ----------------------------------------------------------------------------------
+# the first PEFT whose OFT Cayley-Neumann series is the one reproduced (PEFT warns on
+# adapters that declare an older version or none)
+_PEFT_VERSION = "0.18.0"
+_PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "oft": "OFT", "boft": "BOFT", "hra": "HRA"}
+
+
+def _describe(conditioning: Conditioning) -> str:
     described = [f"{c.placement}/{c.side} {c.transform.name or type(c.transform).__name__}"
-                 for c in conditioners]
-    raise AdapterError(f"{where}: layer {name!r} expected a 'lora' or 'dora' conditioning "
-                       f"(PEFT has no equivalent of the others), got "
-                       f"{'an update and ' if conditioning.update is not None else ''}"
-                       f"conditioners [{', '.join(described)}]")
+                 + (" (condition_bias)" if c.condition_bias else "")
+                 for c in conditioning.conditioners()]
+    update = "an update and " if conditioning.update is not None else "no update and "
+    return f"{update}conditioners [{', '.join(described)}]"
+
+
+def _export_method(name: str, conditioning: Conditioning, where: str) -> str:
+    """The PEFT method that computes ``conditioning``: by its structure (the options are
+    checked by the method's exporter)."""
+    def kinds(cls: type[Transform], side: str) -> list[Conditioner]:
+        # exact types: a subclass may compute another function
+        return [c for c in conditioners
+                if type(c.transform) is cls and c.side == side and not c.condition_bias]
+
+    conditioners = conditioning.conditioners()
+    if conditioning.update is not None:
+        if not conditioners:
+            return "lora"
+        dora = kinds(Magnitude, "left")
+        if len(conditioners) == 1 and dora and dora[0].placement == "post":
+            return "dora"
+    elif len(conditioners) == 1:
+        # without an update, W R_pre and W R_post are one weight: either placement is OFT's
+        for cls, method in ((Block, "oft"), (Householder, "hra"), (Butterfly, "boft")):
+            if kinds(cls, "right"):
+                return method
+    elif len(conditioners) == 2 and kinds(Butterfly, "right") and kinds(Diag, "left"):
+        return "boft"  # diag(s)·W·Q: the two commute, in any order or stage
+    raise AdapterError(f"{where}: layer {name!r} expected a conditioning PEFT can express "
+                       f"(the presets 'lora', 'dora', 'oft', 'boft' or 'hra'), got "
+                       f"{_describe(conditioning)}")
+
+
+def _skew_generator(generator: Tensor, scale: float, full: bool) -> Tensor:
+    r"""The upper triangles (row by row, ``(..., b(b-1)/2)``) of the blocks
+    :math:`S = c\,(U - U^\top)` or :math:`c\,(D - D^\top)` of a block generator, in float64
+    (a triangular generator's entries times ``scale``)."""
+    g = generator.detach().double()
+    if not full:
+        return scale * g
+    rows, cols = torch.triu_indices(g.shape[-1], g.shape[-1], offset=1, device=g.device)
+    return scale * (g[..., rows, cols] - g[..., cols, rows])
+
+
+def _refuse(name: str, why: str, where: str) -> AdapterError:
+    return AdapterError(f"{where}: layer {name!r}: {why}")
+
+
+def _export_lora(name: str, layer: nn.Module, c: Conditioning, method: str, where: str
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    kind = _adapters(layer).kind
+    if getattr(layer, "groups", 1) != 1:
+        raise AdapterError(f"{where}: layer {name!r} is a grouped convolution, which "
+                           f"PEFT's LoRA does not support")
+    stored = layer.parametrizations.weight.original.shape
+    update = c.update
+    ones = (1,) * kind.kernel
+    kernel = tuple(stored[2:]) if kind.kernel else ()
+    tensors = {"lora_A.weight": update.A.detach().reshape(update.rank, -1, *kernel),
+               "lora_B.weight": update.B.detach().reshape(-1, update.rank, *ones)}
+    if method == "dora":
+        magnitude = c.conditioners()[0].transform.magnitude.detach()
+        tensors["lora_magnitude_vector"] = (magnitude.reshape(1, -1, *ones) if kind.kernel
+                                            else magnitude)
+    # per layer (rank_pattern, alpha_pattern); only the layer kind must agree
+    return tensors, {"rank": update.rank, "alpha": update.alpha,
+                     "conv1d": kind.name == "Conv1D"}
+
+
+def _export_oft(name: str, layer: nn.Module, c: Conditioning, method: str, where: str
+                ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    block = c.conditioners()[0].transform
+    if block.map not in ("cayley", "cayley_neumann"):
+        raise _refuse(name, f"PEFT's OFT has the maps 'cayley' (use_cayley_neumann=False) "
+                            f"and 'cayley_neumann', got map={block.map!r}", where)
+    neumann = block.map == "cayley_neumann"
+    # PEFT's exact path is our cayley(2·skew(oft_R)), its Neumann path our series of
+    # -2·skew(oft_R) (see the module's docstring): oft_R = ±S/2, S = scale·skew(generator)
+    skew = _skew_generator(block.generator, block.scale, block.full)
+    oft_r = (skew * (-0.5 if neumann else 0.5)).to(block.generator.dtype)
+    options = {"block_size": block.block_size, "blocks": c.in_features // block.block_size,
+               "block_share": block.share, "use_cayley_neumann": neumann,
+               "num_cayley_neumann_terms": block.terms if neumann else None}
+    return {"oft_R.weight": oft_r}, options
+
+
+def _export_boft(name: str, layer: nn.Module, c: Conditioning, method: str, where: str
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    conditioners = c.conditioners()
+    butterfly = next(x.transform for x in conditioners if type(x.transform) is Butterfly)
+    diag = next((x.transform for x in conditioners if type(x.transform) is Diag), None)
+    if butterfly.map != "cayley":
+        raise _refuse(name, f"PEFT's BOFT has the map 'cayley' only, got "
+                            f"map={butterfly.map!r}", where)
+    # PEFT's Cayley of (D - Dᵀ)/2 on rows is our cayley(D - Dᵀ) on columns: D = c·D_ours
+    # for full blocks, or the triangle c·U with zeros below (D - Dᵀ = c·(U - Uᵀ)), exact
+    g = butterfly.generator.detach()
+    if butterfly.full:
+        d = g.double() * butterfly.scale
+    else:
+        b = butterfly.block_size
+        rows, cols = torch.triu_indices(b, b, offset=1, device=g.device)
+        d = g.new_zeros(*g.shape[:-1], b, b, dtype=torch.float64)
+        d[..., rows, cols] = g.double() * butterfly.scale
+    out = c.out_features
+    scale = (diag.scale.detach() if diag is not None
+             else torch.ones(out, dtype=g.dtype, device=g.device))
+    options = {"block_size": butterfly.block_size, "blocks": c.in_features // butterfly.block_size,
+               "factors": butterfly.factors}
+    return {"boft_R": d.to(g.dtype), "boft_s": scale.reshape(out, 1)}, options
+
+
+def _export_hra(name: str, layer: nn.Module, c: Conditioning, method: str, where: str
+                ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    householder = c.conditioners()[0].transform
+    return {"hra_u": householder.U.detach()}, {"r": householder.U.shape[1],
+                                               "apply_GS": householder.gram_schmidt}
+
+
+_EXPORTERS: dict[str, Callable[..., tuple[dict[str, Tensor], dict[str, Any]]]] = {
+    "lora": _export_lora, "dora": _export_lora, "oft": _export_oft, "boft": _export_boft,
+    "hra": _export_hra}
 
 
 def _most_common(values: dict[str, Any]) -> Any:
@@ -480,69 +689,189 @@ def _most_common(values: dict[str, Any]) -> Any:
     return max(counts, key=lambda v: counts[v])
 
 
-def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
-            adapter_name: str | None = None) -> Path:
-    """Write the ``lora`` or ``dora`` adapter ``adapter_name`` (``None``: the active one) of
-    ``model`` as a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)``
-    loads with equal outputs.
+def _agreed(options: dict[str, dict[str, Any]], key: str, what: str, where: str) -> Any:
+    """The value of ``key`` shared by every layer: PEFT's configuration has one."""
+    values = {name: o[key] for name, o in options.items()}
+    if len(set(values.values())) > 1:
+        (a, va), (b, vb) = next((x, y) for x in values.items() for y in values.items()
+                                if x[1] != y[1])
+        raise AdapterError(f"{where}: PEFT's configuration gives every layer one {what}; "
+                           f"layer {a!r} has {va!r}, layer {b!r} has {vb!r}")
+    return next(iter(values.values()))
 
-    Per-layer ranks and alphas go to ``rank_pattern``/``alpha_pattern``; a convolution's
-    factors are written in PEFT's ``(r, in, kh, kw)``/``(out, r, 1, 1)`` layout. The write is
-    atomic, as :func:`weightcond.save_adapter`'s.
+
+def _size_or_count(options: dict[str, dict[str, Any]], what: str, where: str
+                   ) -> tuple[int, int]:
+    """(block size, 0) if every layer has one block size, else (0, block count) if every
+    layer has one number of blocks: PEFT's ``oft_block_size``/``r`` and
+    ``boft_block_size``/``boft_block_num`` are exclusive."""
+    sizes = {o["block_size"] for o in options.values()}
+    counts = {o["blocks"] for o in options.values()}
+    if len(sizes) == 1:
+        return sizes.pop(), 0
+    if len(counts) == 1:
+        return 0, counts.pop()
+    return _agreed(options, "block_size", what, where), 0  # raises
+
+
+def _peft_config(method: str, options: dict[str, dict[str, Any]], where: str
+                 ) -> dict[str, Any]:
+    """PEFT's options for ``method`` from each layer's."""
+    if method in ("lora", "dora"):
+        ranks = {n: o["rank"] for n, o in options.items()}
+        alphas = {n: o["alpha"] for n, o in options.items()}
+        rank, alpha = _most_common(ranks), _most_common(alphas)
+        return {
+            "r": rank, "lora_alpha": alpha,
+            # PEFT matches a key as (.*\.)?(key)$: anchored, a name does not match its suffixes
+            "rank_pattern": {"^" + re.escape(n): r for n, r in ranks.items() if r != rank},
+            "alpha_pattern": {"^" + re.escape(n): a for n, a in alphas.items() if a != alpha},
+            "use_dora": method == "dora", "use_rslora": False, "lora_dropout": 0.0,
+            "fan_in_fan_out": all(o["conv1d"] for o in options.values()),
+            "init_lora_weights": True}
+    if method == "oft":
+        size, count = _size_or_count(options, "oft_block_size (or number of blocks r)", where)
+        neumann = _agreed(options, "use_cayley_neumann", "map (use_cayley_neumann)", where)
+        terms = _agreed(options, "num_cayley_neumann_terms", "number of Neumann terms",
+                        where)
+        return {"r": count, "oft_block_size": size,
+                "block_share": _agreed(options, "block_share", "block_share", where),
+                "use_cayley_neumann": neumann, "num_cayley_neumann_terms": terms or 5,
+                "module_dropout": 0.0, "coft": False, "eps": 6e-5, "fan_in_fan_out": False,
+                "init_weights": True}
+    if method == "boft":
+        size, count = _size_or_count(options, "boft_block_size (or boft_block_num)", where)
+        return {"boft_block_size": size, "boft_block_num": count,
+                "boft_n_butterfly_factor": _agreed(options, "factors",
+                                                   "number of butterfly factors", where),
+                "boft_dropout": 0.0, "fan_in_fan_out": False, "init_weights": True}
+    return {"r": _agreed(options, "r", "number of reflections r", where),
+            "apply_GS": _agreed(options, "apply_GS", "apply_GS (gram_schmidt)", where),
+            "init_weights": True}
+
+
+def _check_modules_to_save(model: nn.Module, names: Any, conditioned: list[str], where: str
+                           ) -> list[str]:
+    """``modules_to_save`` (:func:`weightcond.io.check_modules_to_save`), each selecting in
+    PEFT that module and no other: PEFT wraps every module whose name *ends with* an entry,
+    and keeps its adapter off every layer an entry matches as a regular expression."""
+    names = check_modules_to_save(where, model, names, conditioned)
+    for entry in names:
+        try:
+            excluded = [n for n in conditioned if re.match(rf"(^|.*\.){entry}($|\..*)", n)]
+        except re.error:
+            excluded = [entry]
+        if excluded:
+            raise AdapterError(f"{where}: argument 'modules_to_save' has {entry!r}, which PEFT "
+                               f"reads as a pattern that keeps its adapter off the layer "
+                               f"{excluded[0]!r}")
+    selected = [n for n, _ in model.named_modules(remove_duplicate=False)
+                if any(n.endswith(entry) for entry in names)]
+    extra = [n for n in selected if n not in names]
+    if extra:
+        entry = next(e for e in names if extra[0].endswith(e))
+        raise AdapterError(f"{where}: argument 'modules_to_save' has {entry!r}; PEFT selects "
+                           f"every module whose name ends with it, which would also save "
+                           f"{extra[0]!r}")
+    return names
+
+
+def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
+            adapter_name: str | None = None,
+            modules_to_save: list[str] | tuple[str, ...] | None = None) -> Path:
+    r"""Write the adapter ``adapter_name`` (``None``: the active one) of ``model`` as a PEFT
+    adapter directory that ``PeftModel.from_pretrained(base, path)`` loads with equal
+    outputs.
+
+    The adapter must be one PEFT has: ``lora`` or ``dora`` (LoRA, ``use_dora``), ``oft``
+    (OFT), ``boft`` (BOFT) or ``hra`` (HRA), one method for all its layers; the inverse of
+    the mappings above:
+
+    * LoRA/DoRA: per-layer ranks and alphas go to ``rank_pattern``/``alpha_pattern``; a
+      convolution's factors are written in PEFT's ``(r, in, kh, kw)``/``(out, r, 1, 1)``
+      layout.
+    * OFT: a right ``block`` with ``map="cayley"`` (PEFT's ``use_cayley_neumann=False``) or
+      ``"cayley_neumann"`` (``num_cayley_neumann_terms`` = ``terms``); any ``scale`` and
+      ``full``: ``oft_R`` is :math:`\pm S/2` for the blocks :math:`S` (the sign of the
+      map), which is the generator itself for the preset's ``scale=2`` (``-2`` for the
+      Neumann path), exact for a triangular generator and a power-of-two scale, and one
+      rounding per entry otherwise.
+      Every layer needs the same block size (or number of blocks), ``block_share``, map and
+      terms.
+    * BOFT: a right ``butterfly`` with ``map="cayley"``, and optionally a left ``diag``
+      (``boft_s``; ones without it): ``boft_R`` is ``scale`` × the full blocks, or for
+      ``full=False`` the triangle with zeros below, exactly (:math:`D - D^\top` is the same
+      skew block). One block size (or number) and number of factors for all layers; PEFT
+      builds ``boft_n_butterfly_factor > 1`` only with its CUDA extension.
+    * HRA: a right ``householder`` → ``hra_u``, ``gram_schmidt`` → ``apply_GS``; one number
+      of reflections for all layers.
+
+    OFT, BOFT and HRA export ``torch.nn.Linear`` layers only (PEFT's convolution forms are
+    other functions), and a placement of either stage (without an update they are one
+    weight). ``target_modules`` is written as a regular expression of the layers' full
+    names, which PEFT matches against whole names: no other module whose name ends like an
+    exported layer's gets an adapter.
+
+    Args:
+        model: the conditioned model.
+        path: the directory to write (replaced, atomically, if it holds only adapter files).
+        adapter_name: the adapter to write; ``None``: the active one.
+        modules_to_save: full names of modules saved whole beside the adapter (a trained
+            classification head, say): PEFT's ``modules_to_save``, restored by
+            ``PeftModel.from_pretrained`` and by :func:`from_peft`. PEFT selects every module
+            whose name ends with an entry, so an entry that would also select another
+            module, or a conditioned layer (or a module holding one), is refused.
 
     Returns:
         The directory written.
 
     Raises:
-        weightcond.AdapterError: a layer conditioned otherwise than ``lora``/``dora`` (PEFT
-            cannot express it), a mix of the two, a grouped convolution, no such adapter, a
-            tensor with NaN or infinite values; ``path`` as for
-            :func:`weightcond.save_adapter`.
+        weightcond.AdapterError: a layer conditioned otherwise (PEFT cannot express it; the
+            message names the layer and why), a mix of methods, or of options PEFT gives
+            every layer, a grouped convolution, no such adapter, a tensor with NaN or
+            infinite values, a ``modules_to_save`` entry PEFT would read otherwise; ``path``
+            as for :func:`weightcond.save_adapter`.
+        weightcond.OptionError: ``modules_to_save`` not a list of the model's module names.
         weightcond.LayerTypeError: ``model`` is not a module.
     """
     where = "to_peft"
     check_model(where, model)
     target = check_path(where, path)
     _, found = _adapter_layers(model, adapter_name, where)
-    kinds = {name: _export_kind(name, layer, c, where) for name, layer, c in found}
-    if len(set(kinds.values())) > 1:
-        raise AdapterError(f"{where}: PEFT stores one of LoRA and DoRA per adapter; this one "
-                           f"mixes them ({', '.join(f'{n!r}: {k}' for n, k in kinds.items())})")
+    saved = _check_modules_to_save(model, modules_to_save,
+                                   [n for n, _ in conditioned_layers(model)], where)
+    methods = {name: _export_method(name, c, where) for name, _, c in found}
+    if len(set(methods.values())) > 1:
+        what = ("one of LoRA and DoRA" if set(methods.values()) == {"lora", "dora"}
+                else "one method")
+        raise AdapterError(f"{where}: PEFT stores {what} per adapter; this one mixes them "
+                           f"({', '.join(f'{n!r}: {k}' for n, k in methods.items())})")
+    method = next(iter(methods.values()))
     tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    conv1d = []
+    options: dict[str, dict[str, Any]] = {}
     for name, layer, c in found:
-        kind = _adapters(layer).kind
-        if getattr(layer, "groups", 1) != 1:
-            raise AdapterError(f"{where}: layer {name!r} is a grouped convolution, which "
-                               f"PEFT's LoRA does not support")
-        conv1d.append(kind.name == "Conv1D")
-        stored = layer.parametrizations.weight.original.shape
-        update = c.update
-        ranks[name], alphas[name] = update.rank, update.alpha
-        ones = (1,) * kind.kernel
-        kernel = tuple(stored[2:]) if kind.kernel else ()
-        key = _PREFIX + name
-        tensors[f"{key}.lora_A.weight"] = update.A.detach().reshape(update.rank, -1, *kernel)
-        tensors[f"{key}.lora_B.weight"] = update.B.detach().reshape(-1, update.rank, *ones)
-        if kinds[name] == "dora":
-            magnitude = c.conditioners()[0].transform.magnitude.detach()
-            tensors[f"{key}.lora_magnitude_vector"] = (
-                magnitude.reshape(1, -1, *ones) if kind.kernel else magnitude)
-    rank, alpha = _most_common(ranks), _most_common(alphas)
+        if method not in ("lora", "dora") and _adapters(layer).kind.name != "Linear":
+            raise _refuse(name, f"only Linear layers export to PEFT's {_PEFT_TYPES[method]} "
+                                f"(its convolution form is another function, and it has no "
+                                f"Conv1D form), got a {_adapters(layer).kind.name}", where)
+        layer_tensors, options[name] = _EXPORTERS[method](name, layer, c, method, where)
+        tensors.update({f"{_PREFIX}{name}.{k}": v for k, v in layer_tensors.items()})
+    for module in saved:
+        for key, value in model.get_submodule(module).state_dict().items():
+            tensors[f"{_PREFIX}{module}.{key}"] = value.detach()
+    names = sorted(options)
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-        "r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
-        # PEFT matches a key as (.*\.)?(key)$: anchored, a name does not match its suffixes
-        "rank_pattern": {"^" + re.escape(n): r for n, r in ranks.items() if r != rank},
-        "alpha_pattern": {"^" + re.escape(n): a for n, a in alphas.items() if a != alpha},
-        "use_dora": next(iter(kinds.values())) == "dora", "use_rslora": False,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(conv1d),
-        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "peft_type": _PEFT_TYPES[method], "task_type": None, "base_model_name_or_path": None,
+        "peft_version": _PEFT_VERSION,
+        # PEFT fullmatches a str against each module's full name: these layers and no other
+        # (a list would also select every module whose name ends with one of them)
+        "target_modules": "^(?:" + "|".join(map(re.escape, names)) + ")$",
+        **_peft_config(method, options, where),
+        "bias": "none", "modules_to_save": saved or None, "inference_mode": True,
     }
     from safetensors.torch import save_file
 
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _write_atomically(target, config, tensors, save_file, where)
+    _write_atomically(target, config, tensors, save_file, where,
+                      names=(PEFT_CONFIG_NAME, PEFT_TENSORS_NAME))
     return target
