@@ -287,3 +287,20 @@ def test_the_callback_refuses_a_model_it_cannot_checkpoint(tmp_path) -> None:
                        r"BertForSequenceClassification"):
         run.train()
     assert not any((tmp_path / "plain").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "from_peft"])
+def test_a_model_given_its_adapter_by_a_loader_saves_merged(tmp_path, how: str) -> None:
+    """load_adapter and from_peft go through the same activation as condition(): their
+    model's save_pretrained writes what from_pretrained reloads too."""
+    source = bert()
+    wc.condition(source, "lora", target_modules=["query", "value"], rank=2)
+    randomize(source, scale=0.1)
+    model = bert()
+    if how == "load_adapter":
+        wc.load_adapter(model, wc.save_adapter(source, tmp_path / "adapter"))
+    else:
+        wc.from_peft(model, wc.to_peft(source, tmp_path / "adapter"))
+    torch.testing.assert_close(output(model), output(source))
+    model.save_pretrained(tmp_path / "saved")
+    assert_reloads_the_merged_model(model, tmp_path / "saved")

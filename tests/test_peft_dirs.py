@@ -649,3 +649,28 @@ def test_a_module_to_save_with_submodules_round_trips(tmp_path) -> None:
     wc.from_peft(again, folder)
     assert torch.equal(again(TWIN_X), model(TWIN_X))
     assert again.b.a.lin.weight.requires_grad and not again.a.lin.weight.requires_grad
+
+
+@pytest.mark.parametrize("version", ["0.17.1", None, "0.18.0", "0.21.2@abc123"])
+@pytest.mark.parametrize("neumann", [True, False])
+def test_an_oft_adapter_from_before_peft_0_18_on_the_neumann_path_is_refused(
+        version, neumann: bool, tmp_path) -> None:
+    """PEFT 0.18 changed its Cayley–Neumann series; an adapter saved by an older PEFT on that
+    path (peft_version below 0.18, or absent) would compute another function (found in
+    review). The exact path did not change."""
+    peft_model = peft.get_peft_model(bert(), peft.OFTConfig(
+        r=0, oft_block_size=4, target_modules=["query"], use_cayley_neumann=neumann))
+    peft_model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if version is None:
+        config.pop("peft_version", None)
+    else:
+        config["peft_version"] = version
+    config_file.write_text(json.dumps(config))
+    old = version is None or version.startswith("0.17")
+    if neumann and old:
+        with pytest.raises(wc.AdapterError, match="PEFT 0.18 changed that series"):
+            wc.from_peft(bert(), tmp_path)
+    else:
+        assert wc.from_peft(bert(), tmp_path)

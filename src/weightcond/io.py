@@ -698,29 +698,42 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
 
 
 def _fill(name: str, conditioning: Conditioning, record: dict[str, Any],
-          tensors: dict[str, Tensor], where: str, config_name: str) -> None:
+          tensors: dict[str, Tensor], where: str) -> None:
     state = conditioning.state_dict()
     if sorted(state) != sorted(record["tensors"]):
         raise AdapterError(f"{where}: layer {name!r}: the rebuilt adapter has tensors "
                            f"{sorted(state)}, the configuration lists {sorted(record['tensors'])}")
     saved = _FLOAT_DTYPES[record["dtype"]]
-    loaded = {}
+    loaded, kept = {}, {}
     for key, expected in state.items():
         full = f"{name}.{key}"
         value = tensors[full]
-        # a floating tensor is saved in the layer's dtype; anything else is not cast to it
+        # a floating tensor saved in the layer's dtype takes the model's (checked finite
+        # there); one saved in another floating dtype keeps it (an adapter kept in float32
+        # on a bfloat16 base, as PEFT's autocast_adapter_dtype does, loads as it was
+        # saved); anything else is not cast
         floating = expected.is_floating_point()
-        dtype = saved if floating else expected.dtype
-        if value.dtype != dtype:
-            whose = f" (the layer's 'dtype' in {config_name})" if floating else ""
-            raise AdapterError(f"{where}: tensor {full!r} expected dtype {_dtype_name(dtype)}"
-                               f"{whose}, got {_dtype_name(value.dtype)}")
+        if floating and value.dtype not in _FLOAT_DTYPES.values():
+            raise AdapterError(f"{where}: tensor {full!r} expected a floating dtype (one of "
+                               f"{', '.join(_FLOAT_DTYPES)}), got {_dtype_name(value.dtype)}")
+        if not floating and value.dtype != expected.dtype:
+            raise AdapterError(f"{where}: tensor {full!r} expected dtype "
+                               f"{_dtype_name(expected.dtype)}, got {_dtype_name(value.dtype)}")
         if floating:
             check_tensor(where, full, value)
         if tuple(value.shape) != tuple(expected.shape):
             raise AdapterError(f"{where}: tensor {full!r} expected shape "
                                f"{tuple(expected.shape)}, got {tuple(value.shape)}")
-        loaded[key] = cast_finite(where, full, value, expected, "the model's dtype")
+        if floating and value.dtype != saved:
+            loaded[key] = value.to(expected.device)
+            kept[key] = value.dtype
+        else:
+            loaded[key] = cast_finite(where, full, value, expected, "the model's dtype")
+    for key, dtype in kept.items():  # the rebuilt tensor takes the saved dtype
+        module_name, _, attribute = key.rpartition(".")
+        module = conditioning.get_submodule(module_name)
+        tensor = getattr(module, attribute)
+        tensor.data = tensor.data.to(dtype)
     conditioning.load_state_dict(loaded, strict=True)
 
 
@@ -800,7 +813,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     for layer_name, record in records.items():
         try:
             conditioning = _rebuild(layer_name, modules[layer_name], record, name, where)
-            _fill(layer_name, conditioning, record, tensors, where, config_name)
+            _fill(layer_name, conditioning, record, tensors, where)
         except (AdapterError, StateError):
             raise
         except WeightcondError as error:  # the builders' messages already start with where

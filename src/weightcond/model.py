@@ -192,7 +192,10 @@ def _resolve_targets(model: nn.Module, target_modules: Targets,
 
 def _activate(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` active on every conditioned layer (``None`` on a layer without
-    it: that layer computes its base function) and the only trainable parameters."""
+    it: that layer computes its base function) and the only trainable parameters, and guard
+    a transformers model's ``save_pretrained`` (:func:`guard_save_pretrained`): the one path
+    of :func:`condition`, :func:`set_adapter`, :func:`weightcond.load_adapter` and
+    :func:`weightcond.from_peft`."""
     trainable = set()
     for _, layer in conditioned_layers(model):
         adapters = _adapters(layer)
@@ -201,6 +204,7 @@ def _activate(model: nn.Module, adapter_name: str) -> None:
             trainable.update(id(p) for p in adapters.adapters[adapter_name].parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+    guard_save_pretrained(model)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -308,7 +312,6 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         raise
     _activate(model, adapter_name)
     _batch_factors(model, batch_factors)
-    guard_save_pretrained(model)
     trainable, total = _count(model)
     layers = {n: (p.name if isinstance(p, Preset) else p) for n, (p, _) in plan.items()}
     return ConditionReport(adapter_name, layers, trainable, total)
@@ -377,7 +380,6 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
                                f"{', '.join(map(repr, names)) or '(no adapters)'}, "
                                f"got {adapter_name!r}")
     _activate(model, adapter_name)
-    guard_save_pretrained(model)
 
 
 @contextlib.contextmanager

@@ -338,6 +338,26 @@ def _check_peft_config(config: Mapping[str, Any], method: str, where: str) -> No
         terms = config.get("num_cayley_neumann_terms", 5)
         _field(config, "num_cayley_neumann_terms", is_int(terms) and terms >= 1, "an int >= 1",
                where)
+        _check_neumann_version(config, where)
+
+
+def _check_neumann_version(config: Mapping[str, Any], where: str) -> None:
+    """PEFT 0.18 changed its Cayley–Neumann series (the last power's weight, 1 instead of
+    2); :func:`~weightcond.transforms.maps.cayley_neumann` is 0.18's. An OFT adapter on that
+    path saved by an older PEFT (``peft_version`` below 0.18, or absent: the field came with
+    0.18) was trained with the other series, which PEFT itself only warns about: refused,
+    not imported as another function."""
+    if not config.get("use_cayley_neumann", True):
+        return
+    version = config.get("peft_version")
+    found = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if found is None or (int(found[1]), int(found[2])) < (0, 18):
+        raise AdapterError(
+            f"{where}: an OFT adapter on the Cayley–Neumann path (use_cayley_neumann) saved by "
+            f"PEFT {brief(version) if version is not None else 'before 0.18 (no peft_version)'}"
+            f": PEFT 0.18 changed that series and weightcond computes 0.18's, so this adapter "
+            f"would compute another function than it was trained with; retrain it with PEFT "
+            f">= 0.18, or load it with the PEFT it was saved by")
 
 
 def _check_rank(config: Mapping[str, Any], name: str, given: Mapping[str, Tensor],
