@@ -670,7 +670,7 @@ def test_an_oft_adapter_from_before_peft_0_18_on_the_neumann_path_is_refused(
     config_file.write_text(json.dumps(config))
     old = version is None or version.startswith("0.17")
     if neumann and old:
-        with pytest.raises(wc.AdapterError, match="PEFT 0.18 changed that series"):
+        with pytest.raises(wc.AdapterError, match=r"PEFT 0\.18 changed that series"):
             wc.from_peft(bert(), tmp_path)
     else:
         assert wc.from_peft(bert(), tmp_path)

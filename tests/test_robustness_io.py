@@ -203,8 +203,8 @@ def test_a_path_that_is_not_a_path_is_refused(name: str, path: Any, pattern: str
 def test_a_model_that_is_not_a_module_is_refused(name: str, model: Any,
                                                  saved: tuple[Path, torch.Tensor]) -> None:
     got = type(model).__name__
-    with pytest.raises(wc.LayerTypeError, match=rf"{name}: argument 'model' expected a "
-                                                rf"torch\.nn\.Module, got {got}"):
+    with pytest.raises(wc.LayerTypeError, match=rf"{name}: argument 'model' expected an "
+                                                rf"nn\.Module, got {got}"):
         call(name, model, saved[0])
 
 

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterError, LayerTypeError, OptionError, StateError, WeightcondError
+from .errors import AdapterError, OptionError, StateError, WeightcondError
 from .layer import (
     _adapters,
     _add_conditioner,
@@ -69,6 +69,7 @@ from .layer import (
     conditioned_layers,
     is_conditioned,
     remove_conditioning,
+    require_module,
 )
 from .placement import Conditioning
 from .reshape import layer_kind
@@ -161,15 +162,6 @@ def _recipe_digest(config: dict[str, Any]) -> str:
 
 
 # -- arguments ---------------------------------------------------------------------------------
-def check_model(where: str, model: Any) -> nn.Module:
-    """Return ``model`` if it is a :class:`torch.nn.Module` (an instance), else raise
-    :class:`~weightcond.LayerTypeError`."""
-    if not isinstance(model, nn.Module):
-        raise LayerTypeError(f"{where}: argument 'model' expected a torch.nn.Module, got "
-                             f"{type(model).__name__}")
-    return model
-
-
 def check_path(where: str, path: Any) -> Path:
     """``path`` as a :class:`~pathlib.Path` if it is a non-empty ``str`` or
     :class:`os.PathLike` of one without NUL characters, else raise
@@ -374,7 +366,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     where = "save_adapter"
-    check_model(where, model)
+    require_module(model, where, "model")
     target = check_path(where, path)
     adapter_name, found = _adapter_layers(model, adapter_name, where)
     saved = check_modules_to_save(where, model, modules_to_save,
@@ -782,7 +774,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     from .model import _activate
 
     where = "load_adapter"
-    check_model(where, model)
+    require_module(model, where, "model")
     config, tensors, (config_name, tensors_name) = _read(check_path(where, path), where)
     name = config["adapter_name"] if adapter_name is None else adapter_name
     check_adapter_name(where, name)

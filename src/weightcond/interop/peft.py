@@ -71,7 +71,6 @@ from ..io import (
     _write_atomically,
     brief,
     cast_finite,
-    check_model,
     check_modules_to_save,
     check_path,
     check_tensor,
@@ -86,6 +85,7 @@ from ..layer import (
     check_adapter_name,
     conditioned_layers,
     is_conditioned,
+    require_module,
 )
 from ..layer import remove_conditioning as _remove
 from ..placement import Conditioner, Conditioning
@@ -519,7 +519,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
     from ..model import _activate
 
     where = "from_peft"
-    check_model(where, model)
+    require_module(model, where, "model")
     folder = check_path(where, path)
     check_adapter_name(where, adapter_name)
     config, tensors = _read_peft(folder, where)
@@ -855,7 +855,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
         weightcond.LayerTypeError: ``model`` is not a module.
     """
     where = "to_peft"
-    check_model(where, model)
+    require_module(model, where, "model")
     target = check_path(where, path)
     _, found = _adapter_layers(model, adapter_name, where)
     saved = _check_modules_to_save(model, modules_to_save,
