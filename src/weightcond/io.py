@@ -219,6 +219,23 @@ def cast_finite(where: str, name: str, value: Tensor, like: Tensor, whose: str, 
     return cast.to(device=like.device)
 
 
+def fitted(where: str, name: str, value: Tensor, target: Tensor, label: str = "") -> Tensor:
+    """``value``, loaded for the model's tensor ``target``, checked and made to fit it: the
+    same shape; floating point, finite and finite in ``target``'s dtype, then cast to it and
+    moved to its device; any other dtype must be ``target``'s. ``label`` follows the tensor's
+    name in messages (``" (modules_to_save)"``)."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise AdapterError(f"{where}: tensor {name!r}{label} expected shape "
+                           f"{tuple(target.shape)}, got {tuple(value.shape)}")
+    if target.is_floating_point():
+        check_tensor(where, name, value)
+        return cast_finite(where, name, value, target, "the model's dtype")
+    if value.dtype != target.dtype:
+        raise AdapterError(f"{where}: tensor {name!r}{label} expected dtype "
+                           f"{_dtype_name(target.dtype)}, got {_dtype_name(value.dtype)}")
+    return value.to(target.device)
+
+
 # -- saving ------------------------------------------------------------------------------------
 def _json_value(where: str, what: str, value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
@@ -856,15 +873,5 @@ def _module_tensors(model: nn.Module, saved: dict[str, dict[str, Any]],
                                f"{config_name} lists {sorted(record['tensors'])}")
         for key, target in state.items():
             full = f"{module_name}.{key}"
-            value = tensors[full]
-            if tuple(value.shape) != tuple(target.shape):
-                raise AdapterError(f"{where}: tensor {full!r} expected shape "
-                                   f"{tuple(target.shape)}, got {tuple(value.shape)}")
-            if target.is_floating_point():
-                check_tensor(where, full, value)
-                value = cast_finite(where, full, value, target, "the model's dtype")
-            elif value.dtype != target.dtype:
-                raise AdapterError(f"{where}: tensor {full!r} expected dtype "
-                                   f"{_dtype_name(target.dtype)}, got {_dtype_name(value.dtype)}")
-            copies.append((target, value))
+            copies.append((target, fitted(where, full, tensors[full], target)))
     return copies

@@ -74,6 +74,7 @@ from ..io import (
     check_modules_to_save,
     check_path,
     check_tensor,
+    fitted,
     is_finite_number,
     is_int,
     read_json,
@@ -470,16 +471,7 @@ def _saved_modules(model: nn.Module, config: Mapping[str, Any], others: Mapping[
             absent.append(name)
             continue
         target = targets[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise AdapterError(f"{where}: tensor {key!r} (modules_to_save) expected shape "
-                               f"{tuple(target.shape)}, got {tuple(value.shape)}")
-        if target.is_floating_point():
-            check_tensor(where, key, value)
-            value = cast_finite(where, key, value, target, "the model's dtype")
-        elif value.dtype != target.dtype:
-            raise AdapterError(f"{where}: tensor {key!r} (modules_to_save) expected dtype "
-                               f"{target.dtype}, got {value.dtype}")
-        found[name] = (target, value.to(target.device))
+        found[name] = (target, fitted(where, key, value, target, " (modules_to_save)"))
     if absent:
         raise AdapterError(f"{where}: the PEFT adapter has modules_to_save tensors the model "
                            f"does not have: {', '.join(map(repr, absent[:5]))} (another "
