@@ -1,10 +1,12 @@
-"""The ``weightcond`` command: ``weightcond compare`` and ``weightcond analyze``.
+"""The ``weightcond`` command: ``weightcond compare``, ``sweep`` and ``analyze``.
 
 ``compare`` runs :func:`weightcond.compare.run` with a progress bar (tqdm), prints a table,
 and writes ``results.json``, two plots (matplotlib) and each preset's adapter into the
 output directory. ``analyze`` loads a saved adapter onto its base model and reports, per
 layer, the entropies, effective and stable rank and the orthogonality error of each
-rotation, their means over the layers, and a plot.
+rotation, their means over the layers, and a plot. ``sweep`` runs
+:func:`weightcond.sweep.run` with a progress bar over trials, and ``sweep report``
+prints and writes its statistics (:mod:`weightcond.sweep`).
 
 Every argument is checked before any data or model loads and before any folder is made:
 a bad one is an argparse error (exit status 2).
@@ -296,11 +298,234 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCHEDULE = ("steps", "batch_size", "lr", "rank", "alpha", "max_length", "train_size",
+             "eval_size", "device", "threads")
+
+
+def _check_sweep(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .compare import Schedule
+    from .sweep import Sweep, load_space
+
+    schedule = Schedule.quick() if args.quick else Schedule()
+    schedule = dataclasses.replace(schedule, **{k: getattr(args, k) for k in _SCHEDULE
+                                                if getattr(args, k) is not None})
+    output = _output_folder("sweep", Path(args.output))
+    args.sweep = Sweep(space=load_space(args.space), seeds=tuple(args.seeds or (0, 1, 2)),
+                       schedule=schedule, output=str(output), storage=args.storage,
+                       study=args.study, jobs=args.jobs, stale_after=args.stale_after,
+                       baseline=args.baseline, log=args.log).check()
+
+
+def _sweep_bar() -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A tqdm bar over a sweep's trials: done, running, left, time per trial."""
+    from tqdm.auto import tqdm
+
+    bar: Any = None
+
+    def update(p: Any) -> None:
+        nonlocal bar
+        if bar is None:  # trials done before (an earlier run) do not count in the rate
+            bar = tqdm(total=p.total, initial=p.done, desc="sweep", unit="trial", leave=True)
+        bar.n = p.done
+        parts = [f"running {p.running}", f"left {p.left}"]
+        if p.failed:
+            parts.append(f"failed {p.failed}")
+        if p.trial_s is not None:
+            parts.append(f"{p.trial_s:.0f} s/trial")
+        bar.set_postfix_str(", ".join(parts), refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return update, close
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from .sweep import describe, format_report, results, run, write_report
+
+    sweep = args.sweep
+    pairs = len(sweep.space.variants) * len(sweep.seeds)
+    with _created(Path(sweep.output)) as folder:
+        print(f"weightcond sweep: space {sweep.space.name!r} ({len(sweep.space.variants)} "
+              f"variants) × seeds {', '.join(map(str, sweep.seeds))} = {pairs} trials of "
+              f"{sweep.schedule.steps} steps of {sweep.schedule.batch_size}; study "
+              f"{sweep.study!r} in {describe(sweep)['storage']}; {sweep.jobs} job"
+              f"{'s' if sweep.jobs > 1 else ''}; output in {folder}/", flush=True)
+        update, close = _sweep_bar()
+        last: list[Any] = []
+        start = time.perf_counter()
+        try:
+            records = run(sweep, on_progress=lambda p: (last.append(p), update(p)))
+        except KeyboardInterrupt:
+            close()
+            print(f"\nweightcond sweep: interrupted; the finished trials are kept in "
+                  f"{describe(sweep)['storage']}: start the same command again to finish",
+                  file=sys.stderr)
+            return 130
+        finally:
+            close()
+        meta = {**describe(sweep), "wall_s": time.perf_counter() - start}
+        state = last[-1] if last else None
+        res = results(records, sweep=meta, baseline=sweep.baseline,
+                      progress=_progress_record(state) if state else None)
+        written = write_report(res, folder)
+    print()
+    print(format_report(res, markdown=args.format == "markdown"))
+    print(f"\n{_sweep_footer(res)}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    if state is not None and state.failed:
+        print(f"weightcond sweep: {state.failed} of {state.total} trials failed (their errors "
+              f"are above); start the sweep again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress_record(value: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {**dataclasses.asdict(value), "left": value.left}
+
+
+def _sweep_footer(res: dict[str, Any]) -> str:
+    data = res["data"] or {}
+    envs = res["environments"]
+    where = "; ".join(f"{e['environment'].get('device', '?')} ({e['environment'].get('threads')}"
+                      f" threads, {e['environment'].get('machine')}, "
+                      f"{e['environment'].get('cpu_count')} CPUs): {e['trials']} trials"
+                      for e in envs)
+    wall = res["sweep"].get("wall_s")
+    took = "" if wall is None else (f"; the sweep took {wall / 60:.1f} minutes "
+                                    f"({res['sweep'].get('jobs', 1)} job"
+                                    f"{'s' if res['sweep'].get('jobs', 1) > 1 else ''})")
+    count = "{:,}".format
+    return (f"{count(data.get('train', 0))} training / {count(data.get('held_out', 0))} "
+            f"held-out texts; {where}{took}; intervals: Student t over seeds; p: paired "
+            f"t-test; entropy H: median over seeds of the mean over the conditioned layers of "
+            f"-Σ p log p, p = σ/Σσ of W' - W")
+
+
+def _check_sweep_report(args: argparse.Namespace) -> None:
+    from .sweep import DATABASE
+
+    folder = Path(args.dir)
+    args.source = None
+    if args.storage is None and (folder / DATABASE).is_file():
+        args.storage = f"sqlite:///{(folder / DATABASE).resolve()}"
+    if args.storage is None:
+        if not (folder / "results.json").is_file():
+            raise OptionError(f"sweep report: argument 'dir' expected a sweep's output "
+                              f"directory (with {DATABASE} or results.json), got "
+                              f"{str(folder)!r}; or give --storage")
+        args.source = folder / "results.json"
+    args.dir = _output_folder("sweep report", folder)
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from .sweep import format_report, load, results, write_report
+
+    if args.source is not None:
+        try:
+            old = json.loads(args.source.read_text(encoding="utf-8"))
+            records, meta = old["trials"], old["sweep"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise OptionError(f"sweep report: {str(args.source)!r} is not a sweep's "
+                              f"results.json: {error}") from None
+        state = old.get("progress")
+    else:
+        records, meta = load(args.storage, args.study)
+        state = None
+    if not records:
+        raise OptionError(f"sweep report: no complete trial in study "
+                          f"{meta.get('study', args.study)!r}")
+    baseline = args.baseline or meta.get("baseline") or "lora"
+    res = results(records, sweep=meta, baseline=baseline, progress=state)
+    written = write_report(res, args.dir)
+    print(format_report(res, markdown=args.format == "markdown"))
+    print(f"\n{_sweep_footer(res)}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _sweep_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "sweep", help="train every variant of a space once per seed and rank them with "
+        "confidence intervals (Optuna)",
+        description="Train every variant of a space (presets with options or explicit "
+        "stacks) once per seed on the task of 'weightcond compare' as Optuna trials, and "
+        "report each variant's mean held-out accuracy with its 95% interval over seeds, "
+        "paired comparisons with a baseline and a ranking. Processes started with the same "
+        "--storage and --study share the work; a sweep started again finishes what is "
+        "missing. 'weightcond sweep report DIR' prints and writes the statistics again.")
+    s.add_argument("--space", default="paper", help="a built-in space (paper: lora, dora, "
+                   "pre_diag, sora; rotations; placements) or a TOML or JSON file "
+                   "(default paper)")
+    s.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 0,1,2)")
+    s.add_argument("--output", default="weightcond-sweep", help="directory for the default "
+                   "storage (sweep.db), results.json, results.csv and plots (default "
+                   "./weightcond-sweep)")
+    s.add_argument("--storage", help="an Optuna storage: an RDB URL (sqlite:///FILE, "
+                   "postgresql://USER@HOST/DB, ...) or journal:FILE (default: "
+                   "sqlite:///<output>/sweep.db)")
+    s.add_argument("--study", default="weightcond-sweep", help="the study's name "
+                   "(default weightcond-sweep)")
+    s.add_argument("--jobs", type=int, default=1, help="worker processes on this machine "
+                   "(default 1)")
+    s.add_argument("--baseline", default="lora", help="the variant the others are compared "
+                   "with (default lora)")
+    s.add_argument("--stale-after", type=float, default=60.0, help="seconds without a "
+                   "heartbeat after which a running trial is taken as dead and run again "
+                   "(default 60)")
+    s.add_argument("--log", choices=("mlflow", "tensorboard"), help="also record every trial "
+                   "in MLflow or TensorBoard (if installed)")
+    s.add_argument("--format", choices=("text", "markdown"), default="text",
+                   help="the report's table (default text)")
+    _schedule_options(s)
+    s.add_argument("--quick", action="store_true", help="a CI-sized run (under 2 minutes): "
+                   "12 steps on 192 texts per trial")
+    s.set_defaults(check=_check_sweep, run=_sweep, parser=s)
+    actions = s.add_subparsers(dest="action", title="subcommand", metavar="{report}")
+    r = actions.add_parser("report", help="print and write the statistics of a sweep",
+                           description="Print a sweep's statistics and write results.json, "
+                           "results.csv and the plots into DIR, from its storage (DIR/sweep.db,"
+                           " or --storage) or from DIR/results.json.")
+    r.add_argument("dir", help="the sweep's output directory")
+    r.add_argument("--storage", help="the sweep's storage, if not DIR/sweep.db")
+    r.add_argument("--study", default="weightcond-sweep", help="the study's name (default "
+                   "weightcond-sweep)")
+    r.add_argument("--baseline", help="the variant the others are compared with (default: "
+                   "the sweep's)")
+    r.add_argument("--format", choices=("text", "markdown"), default="text",
+                   help="the report's table (default text)")
+    r.set_defaults(check=_check_sweep_report, run=_sweep_report, parser=r)
+
+
+def _schedule_options(p: argparse.ArgumentParser) -> None:
+    """The options of a :class:`weightcond.compare.Schedule` (compare and sweep)."""
+    p.add_argument("--steps", type=int, help="optimizer steps per run, at least 3 (default "
+                   "120)")
+    p.add_argument("--batch-size", type=int, help="texts per step (default 32)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--rank", type=int, help="update rank (default 8)")
+    p.add_argument("--alpha", type=float, help="update alpha (default 16)")
+    p.add_argument("--max-length", type=int, help="tokens per text (default 64)")
+    p.add_argument("--train-size", type=int, help="training texts used (default all)")
+    p.add_argument("--eval-size", type=int, help="held-out texts used (default all)")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:<index>")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``weightcond``."""
     top = argparse.ArgumentParser(
         prog="weightcond", description="Weight conditioning for parameter-efficient "
-        "fine-tuning: compare presets on a real model, analyze saved adapters.")
+        "fine-tuning: compare presets on a real model, sweep a design space with confidence "
+        "intervals, analyze saved adapters.")
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
@@ -312,18 +537,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--presets", help="comma-separated presets (default head,lora,dora,"
                    "pre_diag,sora); with options, separate presets by ';': "
                    "'lora;sora:map=exp,rotation_rank=8'")
-    c.add_argument("--steps", type=int, help="optimizer steps per run, at least 3 (default "
-                   "120)")
-    c.add_argument("--batch-size", type=int, help="texts per step (default 32)")
-    c.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    c.add_argument("--rank", type=int, help="update rank (default 8)")
-    c.add_argument("--alpha", type=float, help="update alpha (default 16)")
-    c.add_argument("--max-length", type=int, help="tokens per text (default 64)")
+    _schedule_options(c)
     c.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 0)")
-    c.add_argument("--train-size", type=int, help="training texts used (default all)")
-    c.add_argument("--eval-size", type=int, help="held-out texts used (default all)")
-    c.add_argument("--device", help="cpu (default), cuda or cuda:<index>")
-    c.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     c.add_argument("--output", default="weightcond-compare",
                    help="directory for results.json, plots and adapters "
                    "(default ./weightcond-compare)")
@@ -341,6 +556,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--output", help="directory for analysis.json and entropy.png "
                    "(default: <path>-analysis beside the adapter)")
     a.set_defaults(check=_check_analyze, run=_analyze, parser=a)
+    _sweep_parser(sub)
     return top
 
 

