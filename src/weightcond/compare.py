@@ -39,8 +39,8 @@ from .model import condition
 from .presets import PRESETS, Preset, apply_preset
 from .profiling import PeakMemory, machine
 
-__all__ = ["HEAD_ONLY", "TARGETS", "Schedule", "Settings", "Task", "check_preset", "load_task",
-           "parse_preset", "preset_options", "run", "train_run"]
+__all__ = ["HEAD_ONLY", "TARGETS", "Classifier", "Schedule", "Settings", "Task", "check_preset",
+           "load_task", "parse_preset", "preset_options", "run", "train_run"]
 
 HEAD_ONLY = "head"
 #: The layers conditioned: every attention and feed-forward projection of the encoder.
@@ -299,6 +299,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, classes)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """The logits ``(texts, classes)`` of a tokenized batch (:func:`weightcond.data.encode`)."""
         hidden = self.encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))

@@ -161,7 +161,8 @@ class Sweep:
 
     @property
     def storage_url(self) -> str:
-        """The storage: :attr:`storage`, or the SQLite file in :attr:`output`."""
+        """The storage URL, :attr:`storage` or else the SQLite file ``sweep.db`` in
+        :attr:`output`."""
         if self.storage is not None:
             return self.storage
         return f"sqlite:///{Path(self.output).resolve() / DATABASE}"

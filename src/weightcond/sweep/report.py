@@ -1,8 +1,10 @@
 """The report of a sweep: statistics over seeds, a ranking, tables, a CSV and plots.
 
-:func:`summarize` turns trial records into the results (what ``results.json`` holds), a
-pure function of the records; :func:`format_report` prints them as text or Markdown;
-:func:`write_report` writes ``results.json``, ``results.csv`` and the plots.
+:func:`~weightcond.sweep.summarize` turns trial records into the results (what
+``results.json`` holds), a pure function of the records;
+:func:`~weightcond.sweep.format_report` prints them as text or Markdown;
+:func:`~weightcond.sweep.write_report` writes ``results.json``, ``results.csv`` and the
+plots.
 """
 
 from __future__ import annotations

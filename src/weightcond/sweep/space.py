@@ -4,8 +4,9 @@ A :class:`Variant` is a preset with options, or an explicit stack (an update and
 conditioners, each what :func:`weightcond.register_conditioning` takes: placement, side,
 transform, options), plus the schedule fields it changes (``steps``, ``batch_size``,
 ``lr``, ``rank``, ``alpha``). A :class:`Space` is a list of variants with distinct names,
-read from a built-in name (:data:`SPACES`) or a TOML or JSON file, where any field given as
-a list is an axis of a Cartesian product (:func:`parse_space`).
+read from a built-in name (:data:`~weightcond.sweep.space.SPACES`) or a TOML or JSON
+file, where any field given as a list is an axis of a Cartesian product
+(:func:`~weightcond.sweep.parse_space`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["SCHEDULE_FIELDS", "SPACES", "Space", "Variant", "load_space", "parse
 #: fields (``max_length``, ``train_size``, ``eval_size``) are the sweep's, for every variant.
 SCHEDULE_FIELDS = ("steps", "batch_size", "lr", "rank", "alpha")
 _FOLDER = Path(__file__).with_name("spaces")
-#: The built-in spaces: name → TOML file shipped with the package.
+#: The built-in spaces, each name with the TOML file shipped with the package.
 SPACES: Mapping[str, Path] = {p.stem: p for p in sorted(_FOLDER.glob("*.toml"))}
 _PRESET_FIELDS = ("name", "preset", "options", *SCHEDULE_FIELDS)
 _STACK_FIELDS = ("name", "update", "conditioners", "condition_bias", *SCHEDULE_FIELDS)
@@ -51,7 +52,8 @@ class Variant:
         update: whether the stack has the update :math:`\\Delta W = s\\,BA`.
         conditioners: the stack's conditioners, in registration order.
         condition_bias: the stack's left conditioners also condition the bias.
-        overrides: the schedule fields this variant changes (:data:`SCHEDULE_FIELDS`).
+        overrides: the schedule fields this variant changes
+            (:data:`~weightcond.sweep.space.SCHEDULE_FIELDS`).
     """
 
     name: str
@@ -164,8 +166,8 @@ class Space:
 
 
 def load_space(space: str | Path) -> Space:
-    """A built-in space by name (:data:`SPACES`: ``paper``, ``rotations``, ``placements``)
-    or a TOML (``.toml``) or JSON file.
+    """A built-in space by name (:data:`~weightcond.sweep.space.SPACES`: ``paper``,
+    ``rotations``, ``placements``) or a TOML (``.toml``) or JSON file.
 
     Raises:
         OptionError: an unknown name, an unreadable or malformed file, or a bad variant (the
