@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -20,11 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 import weightcond as wc
 from weightcond.cli import main
-from weightcond.compare import Schedule
+from weightcond.compare import TARGET_SHAPES, Schedule, preset_options
 from weightcond.sweep import (
+    QUICK_SCHEDULE,
     SPACES,
     Sweep,
     holm,
@@ -32,6 +35,7 @@ from weightcond.sweep import (
     mean_interval,
     paired_test,
     parse_space,
+    resolved_options,
     summarize,
     t_cdf,
     t_quantile,
@@ -295,6 +299,48 @@ condition_bias = true
     assert parse_space([{"preset": "head"}]).names() == ["head"]
 
 
+def test_a_recipe_holds_every_option_as_it_ran() -> None:
+    """A variant's stored recipe is its full recipe: every option of every conditioner's
+    transform, resolved to the values the layers got (defaults that follow the dimension
+    per dimension), not the options as written."""
+    rotations = load_space("rotations")
+    skew = rotations["skew.post_left"].recipe(Schedule())
+    assert skew["conditioners"] == [{"placement": "post", "side": "left", "transform": "skew",
+                                     "options": {"rank": 4, "map": "cayley",
+                                                 "temperature": False}}]
+    assert rotations["householder.pre_right"].recipe(Schedule())["conditioners"][0][
+        "options"] == {"reflections": 8, "gram_schmidt": False}
+    # log2(384) → 9 rounds, log2(1536) → 11: MiniLM's two sizes give two values
+    assert rotations["givens.pre_left"].recipe(Schedule())["conditioners"][0]["options"] == {
+        "rounds": {"384": 9, "1536": 11}}
+    given = parse_space([{"name": "x", "conditioners": [
+        {"placement": "pre", "side": "right", "transform": "givens", "options": {"rounds": 3}},
+        {"placement": "post", "side": "left", "transform": "skew",
+         "options": {"map": "exp"}}]}])["x"].recipe(Schedule())
+    assert [c["options"] for c in given["conditioners"]] == [
+        {"rounds": 3}, {"rank": 4, "map": "exp", "temperature": False}]
+    # what the layers get: every option of every conditioner of every built-in variant, on
+    # each of MiniLM's target shapes, is the recipe's value
+    for name in SPACES:
+        for variant in load_space(name).variants:
+            recipe = variant.recipe(Schedule())
+            target, options = variant.target()
+            values = preset_options(target, options, Schedule())
+            for out_features, in_features in TARGET_SHAPES:
+                applied = wc.apply_preset(torch.nn.Linear(in_features, out_features), target,
+                                          **values)
+                for c, stored in zip(applied.conditioners, recipe["conditioners"],
+                                     strict=True):
+                    dim = str(out_features if c.side == "left" else in_features)
+                    assert set(stored["options"]) == set(inspect.signature(
+                        type(c.transform).__init__).parameters) - {"self", "dim"}
+                    for option, value in stored["options"].items():
+                        expected = value[dim] if isinstance(value, dict) else value
+                        assert getattr(c.transform, option) == expected, (
+                            variant.name, option)
+    assert resolved_options("diag", "left", {}) == {}
+
+
 BAD_SPACES = [
     ("[[variants]]\npreset = 'lroa'\n",
      r"variant 1: field 'preset' expected one of 'lora', .*got 'lroa'"),
@@ -321,12 +367,22 @@ BAD_SPACES = [
      "'left', transform = ['diag', 'skew'] }]\n",
      r"variant 1 \('\{transfrom\}'\): field 'name' has a placeholder that is not a field"),
     ("[[variants]]\npreset = 'sora'\noptions = { rotation_rank = 0 }\n",
-     r"variant 'sora:rotation_rank=0': .*'rank' expected an int >= 1, got 0"),
+     r"variant 1 = 'sora:rotation_rank=0': .*'rank' expected an int >= 1, got 0"),
     ("[[variants]]\npreset = 'sora'\noptions = { rotaton_rank = 2 }\n",
-     r"variant 'sora:rotaton_rank=2': .*unknown option 'rotaton_rank'"),
+     r"variant 1 = 'sora:rotaton_rank=2': .*unknown option 'rotaton_rank'"),
     ("[[variants]]\nname = 'h'\nconditioners = [{ placement = 'pre', side = 'right', "
      "transform = 'householder', options = { reflections = 3 } }]\n",
-     r"variant 'h': .*'reflections' expected an even int"),
+     r"variant 1 \('h'\): conditioner 1 \(pre right householder\): field 'options': "
+     r"householder: argument 'reflections' expected an even int"),
+    ("[[variants]]\npreset = 'lora'\n[[variants]]\nname = 'g{rounds}'\nconditioners = [{ "
+     "placement = 'pre', side = 'right', transform = 'givens', options = { rounds = [2, 0] "
+     "} }]\n", r"variant 2 \('g\{rounds\}'\) = 'g0': conditioner 1 \(pre right givens\): "
+     r"field 'options': givens: argument 'rounds' expected an int >= 1, got 0"),
+    ("[[variants]]\nname = 'h'\nconditioners = [{ placement = 'pre', side = 'right', "
+     "transform = 'householder', options = { reflectons = 4 } }]\n",
+     r"variant 1 \('h'\): conditioner 1 \(pre right householder\): field 'options': "
+     r"householder: unknown option 'reflectons'; expected one of 'reflections', "
+     r"'gram_schmidt'"),
     ("[[variants]]\npreset = 'dora'\noptions = { rank = 4 }\n",
      r"variant 1: field 'options' has 'rank': set the variant's own field instead"),
     ("[[variants]]\npreset = 'lora'\nlr = []\n",
@@ -335,7 +391,7 @@ BAD_SPACES = [
     ("[[variants]]\npreset = 'lora'\nsteps = 2.5\n", r"variant 1: field 'steps' expected an "
      r"int, got 2.5"),
     ("[[variants]]\npreset = 'lora'\nsteps = 2\n",
-     r"variant 'lora:steps=2': argument 'steps' expected an int >= 3"),
+     r"variant 1 = 'lora:steps=2': argument 'steps' expected an int >= 3"),
     ("[[variants]]\nupdate = false\nconditioners = []\n",
      r"variant 1: expected 'update = true' or at least one conditioner"),
     ("[[variants]]\nconditioners = [{ placement = 'pre', side = 'right', transform = "
@@ -421,6 +477,86 @@ def _postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _claimed(storage, study, name: str, seed: int, worker: str | None, host: str | None):
+    """Enqueue a pair and set its trial running, as a worker's claim does."""
+    import optuna
+
+    from weightcond.sweep import engine
+
+    engine._enqueue(study, name, seed, {})
+    number = study.get_trials(deepcopy=False)[-1].number
+    trial_id = engine._trial_id(storage, study._study_id, number)
+    assert storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    if worker is not None:
+        storage.set_trial_system_attr(trial_id, engine._WORKER, worker)
+    if host is not None:
+        storage.set_trial_system_attr(trial_id, engine._HOST, host)
+    return number
+
+
+def test_of_two_claimed_duplicates_the_lower_number_runs() -> None:
+    """Two processes that enqueued the same pair and claimed one trial each: the higher
+    number gives way, whatever the order they look in, so they never drop each other."""
+    import optuna
+
+    from weightcond.sweep import engine
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s")
+    low = _claimed(storage, study, "lora", 0, "a:1", None)
+    high = _claimed(storage, study, "lora", 0, "b:2", None)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert engine._rival(study, trials[low]) is None
+    assert engine._rival(study, trials[high]) == low
+    engine._enqueue(study, "lora", 1, {})  # another pair: no rival
+    waiting = study.get_trials(deepcopy=False)[-1]
+    assert engine._rival(study, waiting) is None
+
+
+def test_a_dead_worker_is_taken_as_stale(tmp_path: Path) -> None:
+    """``_reap``: a running trial whose worker ran on this machine and is gone is failed and
+    enqueued again at once; one from another machine only once its heartbeat has not moved
+    for ``stale_after`` seconds; a live one on this machine is left alone."""
+    import optuna
+
+    from weightcond.sweep import engine
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s")
+    sweep = Sweep(space=parse_space([{"preset": "lora"}]), seeds=(0, 1, 2), stale_after=0.5,
+                  output=str(tmp_path))
+    host = engine._host()
+    if host is None:
+        pytest.skip("no boot id or PID namespace to read (not Linux)")
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)
+    dead = _claimed(storage, study, "lora", 0, f"{socket.gethostname()}:{exited.stdout.strip()}",
+                    host)
+    alive = _claimed(storage, study, "lora", 1, f"{socket.gethostname()}:{os.getppid()}",
+                     host)
+    elsewhere = _claimed(storage, study, "lora", 2, "elsewhere:1", "another-boot/pid:[1]")
+    watched: dict = {}
+
+    def look() -> dict[int, str]:
+        running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+        engine._reap(storage, study, study._study_id, running, watched, sweep, "me:0", host)
+        return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+    states = look()
+    assert (states[dead], states[alive], states[elsewhere]) == ("FAIL", "RUNNING", "RUNNING")
+    time.sleep(0.6)
+    states = look()
+    # no heartbeat from either for 0.5 s: a live worker on this machine is failed too, as
+    # on any machine (a worker that cannot write its heartbeat is taken as dead)
+    assert (states[alive], states[elsewhere]) == ("FAIL", "FAIL")
+    trials = study.get_trials(deepcopy=False)
+    retries = {t.system_attrs[engine._RETRY]: t for t in trials
+               if engine._RETRY in t.system_attrs}
+    assert set(retries) == {dead, alive, elsewhere}
+    assert all(t.state.name == "WAITING" for t in retries.values())
+    assert all(engine._STALE in trials[n].system_attrs for n in (dead, alive, elsewhere))
+
+
 @needs_data
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
 def test_two_workers_split_a_space_and_run_no_pair_twice(tmp_path: Path, kind: str) -> None:
@@ -466,7 +602,8 @@ def _wait_for(predicate, timeout: float = 300.0, every: float = 0.1):
 @needs_data
 def test_sigkill_mid_trial_then_resume_gives_the_uninterrupted_results(tmp_path: Path) -> None:
     """``kill -9`` during a trial; started again, the sweep reruns that trial only (the dead
-    one is taken as stale) and its numbers equal an uninterrupted sweep's."""
+    one is taken as stale at once: its worker ran here and is gone) and its numbers equal an
+    uninterrupted sweep's."""
     space = _space_file(tmp_path)
     extra = ["--seeds", "0,1", "--steps", "12"]
     done = subprocess.run(_command(space, tmp_path / "whole", *extra), capture_output=True,
@@ -500,7 +637,10 @@ def test_sigkill_mid_trial_then_resume_gives_the_uninterrupted_results(tmp_path:
     dead = [t for t in _trials(storage) if t.state.name == "RUNNING"]
     assert len(dead) == 1 and len(before) < len(reference)
 
-    again = subprocess.run(_command(space, tmp_path / "killed", *extra, "--stale-after", "2"),
+    # the killed worker ran on this machine: the sweep started again takes its trial as
+    # dead at once, without waiting --stale-after for its heartbeat (here longer than the
+    # timeout)
+    again = subprocess.run(_command(space, tmp_path / "killed", *extra, "--stale-after", "900"),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     trials = _trials(storage)
@@ -533,8 +673,8 @@ def test_quick_end_to_end_then_report(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["sweep"]["space"] == "paper" and results["sweep"]["seeds"] == [0, 1, 2]
-    assert results["sweep"]["schedule"] == {**vars(Schedule.quick())}
-    assert results["data"]["train"] == 192 and results["data"]["held_out"] == 128
+    assert results["sweep"]["schedule"] == {**vars(QUICK_SCHEDULE)}
+    assert results["data"]["train"] == 128 and results["data"]["held_out"] == 64
     assert results["progress"] == {"total": 12, "done": 12, "running": 0, "failed": 0,
                                    "trial_s": results["progress"]["trial_s"], "left": 0}
     assert sorted(v["name"] for v in results["variants"]) == ["dora", "lora", "pre_diag",
@@ -549,7 +689,7 @@ def test_quick_end_to_end_then_report(tmp_path: Path, capsys) -> None:
     by_name = {v["name"]: v for v in results["variants"]}
     assert by_name["lora"]["entropy"] <= math.log(8) + 1e-6 < by_name["sora"]["entropy"]
     for t in results["trials"]:
-        assert len(t["losses"]) == 12 and t["environment"]["threads"] == 1
+        assert len(t["losses"]) == QUICK_SCHEDULE.steps and t["environment"]["threads"] == 1
     assert "Ranking" in printed and "Δ vs lora" in printed
     for name in ("results.csv", "accuracy_vs_time.png", "sweep.db"):
         assert (out / name).is_file()

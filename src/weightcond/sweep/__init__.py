@@ -13,6 +13,7 @@ that says which differences are resolved (:mod:`weightcond.sweep.report`,
 from .engine import (
     DATABASE,
     DEFAULT_STUDY,
+    QUICK_SCHEDULE,
     Progress,
     Sweep,
     collect,
@@ -25,12 +26,21 @@ from .engine import (
     work,
 )
 from .report import format_report, results, summarize, write_report
-from .space import SCHEDULE_FIELDS, SPACES, Space, Variant, load_space, parse_space
+from .space import (
+    SCHEDULE_FIELDS,
+    SPACES,
+    Space,
+    Variant,
+    load_space,
+    parse_space,
+    resolved_options,
+)
 from .stats import Interval, Paired, holm, mean_interval, paired_test, t_cdf, t_quantile
 
 __all__ = [
     "DATABASE",
     "DEFAULT_STUDY",
+    "QUICK_SCHEDULE",
     "SCHEDULE_FIELDS",
     "SPACES",
     "Interval",
@@ -51,6 +61,7 @@ __all__ = [
     "parse_space",
     "prepare",
     "progress",
+    "resolved_options",
     "results",
     "run",
     "summarize",

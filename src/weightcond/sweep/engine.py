@@ -11,18 +11,22 @@ the ``COMPLETE`` state. Note (exactly once):
   on an RDB, the log's order in a journal file).
 * **Duplicates.** Two processes started at the same moment may both enqueue a pair. After
   a claim the worker reads the pair's other trials and runs its own only if none is
-  running or complete and none waits with a lower number; otherwise it marks its trial
-  ``PRUNED`` (``weightcond:duplicate_of``) without training. If two claims drop each
-  other, the pair is enqueued again (below).
+  complete and none with a lower number waits or runs; otherwise it marks its trial
+  ``PRUNED`` (``weightcond:duplicate_of``) without training. Of two claimed duplicates
+  the lower number always runs, so they never drop each other.
 * **Death.** A running trial records a heartbeat (a counter, system attribute
   ``weightcond:beat``, every ``stale_after / 4`` seconds). A worker with nothing to claim
   watches the running trials; one whose counter has not moved for ``stale_after`` seconds
   of the watcher's own clock (no clocks are compared across machines) is set ``FAIL``
-  (one watcher wins that transition) and enqueued again. A worker killed at any moment,
-  ``kill -9`` included, therefore loses at most the trial it was running.
+  (one watcher wins that transition) and enqueued again. A trial whose worker ran on the
+  watcher's own machine (the same boot and PID namespace, ``weightcond:host``) and whose
+  process no longer exists is taken as dead at once: a sweep killed with ``kill -9`` and
+  started again on the same machine reruns the killed trial without waiting. A worker
+  killed at any moment therefore loses at most the trial it was running.
 * **Finished.** A pair with a ``COMPLETE`` trial is never enqueued or run again; a result is
   written (one attribute) before its ``COMPLETE`` state, so a trial is complete with its
-  result or not at all.
+  result or not at all. A worker whose trial was taken as dead meanwhile (a storage
+  outage longer than ``stale_after``) drops its result and goes on.
 * **Errors.** A trial that raises is set ``FAIL`` with the error (user attribute
   ``error``) and not retried by the running workers; a sweep started again retries it.
 
@@ -53,15 +57,22 @@ from ..compare import Schedule, load_task, train_run
 from ..errors import OptionError, StateError, WeightcondError, check_int
 from ..profiling import machine
 from .space import Space, Variant
+from .trackers import check_tracker, open_tracker
 
-__all__ = ["DATABASE", "DEFAULT_STUDY", "Progress", "Sweep", "collect", "describe", "load",
-           "open_storage", "prepare", "progress", "run", "work"]
+__all__ = ["DATABASE", "DEFAULT_STUDY", "QUICK_SCHEDULE", "Progress", "Sweep", "collect",
+           "describe", "load", "open_storage", "prepare", "progress", "run", "work"]
 
 DEFAULT_STUDY = "weightcond-sweep"
 #: The default storage's file name in the output folder.
 DATABASE = "sweep.db"
+#: The schedule of ``weightcond sweep --quick``: a smoke run of the whole path (every
+#: variant and seed of the space, the storage, the report) in about a minute on 2 CPU cores
+#: for the ``paper`` space (12 trials). 8 steps and 64 held-out texts say nothing about the
+#: variants: their accuracies are at the constant guess's level.
+QUICK_SCHEDULE = Schedule(steps=8, batch_size=16, max_length=32, train_size=128, eval_size=64)
 _BEAT = "weightcond:beat"
 _WORKER = "weightcond:worker"
+_HOST = "weightcond:host"  # the worker's boot and PID namespace: where its PID means something
 _STALE = "weightcond:stale"  # the worker that took a running trial as dead
 _DUPLICATE = "weightcond:duplicate_of"
 _RETRY = "weightcond:retry_of"
@@ -149,8 +160,6 @@ class Sweep:
             raise OptionError(f"{where}: argument 'baseline' expected one of the space's "
                               f"variants ({', '.join(map(repr, self.space.names()))}), got "
                               f"{self.baseline!r}")
-        from .trackers import check_tracker
-
         check_tracker(self.log)
         if importlib.util.find_spec("optuna") is None:
             from ..data import MissingPackageError
@@ -236,6 +245,33 @@ def _masked(url: str) -> str:
         user, colon, _ = credentials.partition(":")
         return f"{head}://{user}{':***' if colon else ''}@{host}"
     return url
+
+
+def _host() -> str | None:
+    """This process's boot and PID namespace (Linux), or ``None``: two processes with the
+    same value see the same PIDs."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _gone(trial: Any, host: str | None) -> bool:
+    """Whether a running trial's worker process ran here and no longer exists."""
+    worker = trial.system_attrs.get(_WORKER, "")
+    pid = worker.rpartition(":")[2]
+    if host is None or trial.system_attrs.get(_HOST) != host or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by another user
+        return False
+    return False
 
 
 def _key(trial: Any) -> tuple[str, int] | None:
@@ -449,6 +485,7 @@ def work(sweep: Sweep, *, storage: Any = None, study: Any = None,
     study_id = storage.get_study_id_from_name(study.study_name)
     keys = {(v.name, s): v for v, s in sweep.pairs()}
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    host = _host()
     watched: dict[int, tuple[Any, float]] = {}
     task = None
     trained = 0
@@ -468,11 +505,13 @@ def work(sweep: Sweep, *, storage: Any = None, study: Any = None,
             running = [t for t in trials if t.state == state.RUNNING]
             if not running and not any(t.state == state.WAITING for t in trials):
                 return trained
-            _reap(storage, study, study_id, running, watched, sweep, worker)
+            _reap(storage, study, study_id, running, watched, sweep, worker, host)
             time.sleep(poll)
             continue
         trial_id = _trial_id(storage, study_id, claimed.number)
         storage.set_trial_system_attr(trial_id, _WORKER, worker)
+        if host is not None:
+            storage.set_trial_system_attr(trial_id, _HOST, host)
         rival = _rival(study, claimed)
         if rival is not None:
             storage.set_trial_system_attr(trial_id, _DUPLICATE, rival)
@@ -510,32 +549,34 @@ def _requeue_lost(study: Any, trials: list[Any], keys: dict[tuple[str, int], Var
 
 
 def _rival(study: Any, trial: Any) -> int | None:
-    """The number of another trial of the same pair that runs, is complete, or waits with a
-    lower number (then ``trial`` must not run), else ``None``."""
+    """The number of another trial of the same pair that is complete, or runs or waits with
+    a lower number (then ``trial`` must not run), else ``None``."""
     key = _key(trial)
     for t in study.get_trials(deepcopy=False):
         if t.number == trial.number or _key(t) != key:
             continue
         name = t.state.name
-        if name in ("RUNNING", "COMPLETE") or (name == "WAITING" and t.number < trial.number):
+        if name == "COMPLETE" or (name in ("RUNNING", "WAITING") and t.number < trial.number):
             return t.number
     return None
 
 
 def _reap(storage: Any, study: Any, study_id: int, running: list[Any],
-          watched: dict[int, tuple[Any, float]], sweep: Sweep, watcher: str) -> None:
-    """Fail the running trials whose heartbeat has not moved for ``stale_after`` seconds,
-    and enqueue each again."""
+          watched: dict[int, tuple[Any, float]], sweep: Sweep, watcher: str,
+          host: str | None) -> None:
+    """Fail the running trials whose heartbeat has not moved for ``stale_after`` seconds or
+    whose worker process on this machine is gone, and enqueue each again."""
     optuna = _optuna()
     now = time.monotonic()
     for t in running:
-        beat = t.system_attrs.get(_BEAT)
-        seen = watched.get(t.number)
-        if seen is None or seen[0] != beat:
-            watched[t.number] = (beat, now)
-            continue
-        if now - seen[1] < sweep.stale_after:
-            continue
+        if not _gone(t, host):
+            beat = t.system_attrs.get(_BEAT)
+            seen = watched.get(t.number)
+            if seen is None or seen[0] != beat:
+                watched[t.number] = (beat, now)
+                continue
+            if now - seen[1] < sweep.stale_after:
+                continue
         trial_id = _trial_id(storage, study_id, t.number)
         try:  # a finished trial takes no attribute: say why first, then fail it
             storage.set_trial_system_attr(trial_id, _STALE, watcher)
@@ -576,8 +617,8 @@ def _run_trial(sweep: Sweep, storage: Any, study: Any, trial_id: int, trial: Any
               "wall_s": time.perf_counter() - start, "worker": worker,
               "environment": machine(schedule.device), "data": task.data()}
     record = _plain(record)
-    storage.set_trial_user_attr(trial_id, "record", record)
     try:
+        storage.set_trial_user_attr(trial_id, "record", record)
         storage.set_trial_state_values(trial_id, state.COMPLETE, values=[record["accuracy"]])
     except optuna.exceptions.UpdateFinishedTrialError:
         print(f"weightcond sweep: trial {trial.number} ({variant.name}, seed {seed}) was taken "
@@ -606,8 +647,6 @@ def collect(study: Any) -> list[dict[str, Any]]:
 
 def _worker_main(sweep: Sweep) -> None:
     """A ``--jobs`` worker process."""
-    from .trackers import open_tracker
-
     tracker = open_tracker(sweep)
     try:
         work(sweep, on_trial=tracker.log if tracker else None)
@@ -649,8 +688,6 @@ def run(sweep: Sweep, *, on_progress: Callable[[Progress], None] | None = None
     watcher.start()
     try:
         if sweep.jobs == 1:
-            from .trackers import open_tracker
-
             tracker = open_tracker(sweep)
             try:
                 work(sweep, storage=storage, study=study,

@@ -12,6 +12,7 @@ file, where any field given as a list is an axis of a Cartesian product
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -21,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compare import HEAD_ONLY, Schedule, check_preset, preset_options
+import torch
+
+from ..compare import HEAD_ONLY, TARGET_SHAPES, Schedule, check_preset, preset_options
 from ..errors import OptionError, UnknownNameError, WeightcondError
 from ..placement import Side, Stage
 from ..presets import PRESETS, ConditionerSpec, Option, Preset
 from ..transforms import TRANSFORMS
 
-__all__ = ["SCHEDULE_FIELDS", "SPACES", "Space", "Variant", "load_space", "parse_space"]
+__all__ = ["SCHEDULE_FIELDS", "SPACES", "Space", "Variant", "load_space", "parse_space",
+           "resolved_options"]
 
 #: The schedule fields a variant may change (:class:`weightcond.compare.Schedule`); the data
 #: fields (``max_length``, ``train_size``, ``eval_size``) are the sweep's, for every variant.
@@ -38,6 +42,69 @@ SPACES: Mapping[str, Path] = {p.stem: p for p in sorted(_FOLDER.glob("*.toml"))}
 _PRESET_FIELDS = ("name", "preset", "options", *SCHEDULE_FIELDS)
 _STACK_FIELDS = ("name", "update", "conditioners", "condition_bias", *SCHEDULE_FIELDS)
 _CONDITIONER_FIELDS = ("placement", "side", "transform", "options")
+
+
+def resolved_options(transform: str, side: str, options: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+    """Every option of a registered transform with the value it takes on the layers a sweep
+    conditions: ``options`` as given, the others at their defaults, read back from the
+    transform built on each side dimension of MiniLM's target layers (``TARGET_SHAPES``).
+    A default that follows the dimension (``rank=None`` of ``skew`` is ``min(4, n)``,
+    ``rounds=None`` of ``givens`` is :math:`\\lceil\\log_2 n\\rceil`) is its value, or
+    ``{"<n>": value, ...}`` per dimension where the dimensions give different values.
+
+    A recipe is then what ran, not what was written, and it changes when a default of the
+    library changes, so a study refuses to mix the two under one name.
+
+    Raises:
+        WeightcondError: an unknown transform or option, or a value the transform refuses
+            on one of the dimensions.
+
+    Example:
+        >>> from weightcond.sweep.space import resolved_options
+        >>> resolved_options("givens", "left", {})
+        {'rounds': {'384': 9, '1536': 11}}
+    """
+    key = (transform, side, json.dumps(dict(options), sort_keys=True, default=repr))
+    if key not in _RESOLVED:
+        cls = TRANSFORMS.lookup(transform, "resolved_options", "transform")
+        names = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise UnknownNameError(
+                f"{transform}: unknown option {', '.join(map(repr, unknown))}; expected "
+                f"{'one of ' + ', '.join(map(repr, names)) if names else 'none'}")
+        dims = sorted({out if side == Side.LEFT.value else in_
+                       for out, in_ in TARGET_SHAPES})
+        per_dim: dict[str, dict[str, Any]] = {}
+        with torch.random.fork_rng(devices=[]):  # a transform may draw initial values
+            for dim in dims:
+                built = cls(dim, **options)
+                per_dim[str(dim)] = {
+                    n: _plain(getattr(built, n, options.get(n, _default(cls, n))))
+                    for n in names}
+        out: dict[str, Any] = {}
+        for n in names:
+            values = {d: v[n] for d, v in per_dim.items()}
+            first = next(iter(values.values()))
+            out[n] = first if all(v == first for v in values.values()) else values
+        _RESOLVED[key] = out
+    return json.loads(json.dumps(_RESOLVED[key]))  # a fresh copy
+
+
+_RESOLVED: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+def _default(cls: type, name: str) -> Any:
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: a callable option (a map given as a function) by its name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__qualname__", repr(value))
 
 
 @dataclass(frozen=True)
@@ -54,6 +121,8 @@ class Variant:
         condition_bias: the stack's left conditioners also condition the bias.
         overrides: the schedule fields this variant changes
             (:data:`~weightcond.sweep.space.SCHEDULE_FIELDS`).
+        source: where it was written (a file and the position of its entry), for
+            messages; not part of the variant.
     """
 
     name: str
@@ -63,6 +132,7 @@ class Variant:
     conditioners: tuple[ConditionerSpec, ...] = ()
     condition_bias: bool = False
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False, repr=False)
 
     def schedule(self, base: Schedule) -> Schedule:
         """The schedule this variant trains with: ``base`` with the variant's overrides."""
@@ -81,8 +151,8 @@ class Variant:
     def recipe(self, base: Schedule) -> dict[str, Any]:
         """The full recipe, stored with every result: the preset (or ``None``), every option
         with its default, the update's ``rank`` and ``alpha`` (or ``None``), each conditioner
-        with its options resolved, ``condition_bias``, and ``steps``, ``batch_size``,
-        ``lr``."""
+        with every option of its transform resolved (:func:`resolved_options`),
+        ``condition_bias``, and ``steps``, ``batch_size``, ``lr``."""
         schedule = self.schedule(base)
         out: dict[str, Any] = {"name": self.name, "preset": self.preset}
         if self.preset == HEAD_ONLY:
@@ -98,8 +168,9 @@ class Variant:
                              if entry.update else None)
             out["conditioners"] = [
                 {"placement": c.placement, "side": c.side, "transform": c.transform,
-                 "options": {k: values[v.name] if isinstance(v, Option) else v
-                             for k, v in c.options.items()}}
+                 "options": resolved_options(c.transform, c.side, {
+                     k: values[v.name] if isinstance(v, Option) else v
+                     for k, v in c.options.items()})}
                 for c in entry.conditioners]
             out["condition_bias"] = bool(values.get("condition_bias", False))
         out.update(steps=schedule.steps, batch_size=schedule.batch_size, lr=schedule.lr)
@@ -110,16 +181,28 @@ class Variant:
         its preset or stack applied to stand-in layers of the shapes it will condition.
 
         Raises:
-            WeightcondError: the first problem, with the variant's name.
+            WeightcondError: the first problem, with the variant's name and where it was
+                written (its entry in the file and, for a stack, the conditioner).
         """
-        schedule = self.schedule(base).check(f"{where}: variant {self.name!r}")
+        if self.source:
+            where = self.source + ("" if f"({self.name!r})" in self.source
+                                   else f" = {self.name!r}")
+        else:
+            where = f"{where}: variant {self.name!r}"
+        schedule = self.schedule(base).check(where)
         if self.preset == HEAD_ONLY:
             return
+        for i, c in enumerate(self.conditioners, 1):  # a stack: say which conditioner
+            try:
+                resolved_options(c.transform, c.side, c.options)
+            except WeightcondError as error:
+                raise type(error)(f"{where}: conditioner {i} ({c.placement} {c.side} "
+                                  f"{c.transform}): field 'options': {error}") from None
         target, options = self.target()
         try:
             check_preset(target, options, schedule)
         except WeightcondError as error:  # say which variant it came from
-            raise type(error)(f"{where}: variant {self.name!r}: {error}") from None
+            raise type(error)(f"{where}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -419,7 +502,7 @@ def _variant(entry: dict[str, Any], where: str, *, product: bool) -> Variant:
     if product and name == entry.get("name"):
         raise OptionError(f"{where}: field 'name' expected placeholders naming the product's "
                           f"axes (such as {{transform}}), got {name!r} for every combination")
-    return dataclasses.replace(variant, name=name)
+    return dataclasses.replace(variant, name=name, source=where)
 
 
 def _options(value: Any, where: str, key: str) -> dict[str, Any]:

@@ -14,12 +14,18 @@ import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import OptionError
 
-if TYPE_CHECKING:
-    from .engine import Sweep
+
+class Sweep(Protocol):
+    """What a tracker reads of a :class:`weightcond.sweep.Sweep` (a protocol, so that this
+    module does not import the engine, which imports it)."""
+
+    output: Path
+    study: str
+    log: str | None
 
 __all__ = ["TRACKERS", "Tracker", "open_tracker"]
 
