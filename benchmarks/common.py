@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,6 +34,25 @@ class Settings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def spec_label(name: str, options: dict[str, object]) -> str:
+    """A transform and its options as a benchmark names it: ``skew (rank=4)``; the name
+    alone for its defaults."""
+    if not options:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+
+
+class Wrap(nn.Module):
+    """A model holding one layer named ``proj`` (what PEFT's ``target_modules`` matches)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 def synchronize(device: str) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, interleaved_medians
+from common import Settings, Wrap, interleaved_medians
 
 import weightcond as wc
 from weightcond.profiling import step_peak_bytes
@@ -20,17 +20,6 @@ from weightcond.transforms.block import _RotatedLinear, rotate_blocks
 
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 1024)]  # (out, in)
 QUICK_SHAPES = [(256, 256)]
-
-
-class Wrap(nn.Module):
-    """A model holding one layer named ``proj`` (what PEFT's ``target_modules`` matches)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def _peft(config_name: str, **options) -> Callable[[Wrap, Settings], nn.Module]:

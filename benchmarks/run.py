@@ -2,6 +2,9 @@
 
 Writes ``<output>/<device>-<dtype>[-quick].json`` (machine, versions, threads, date, every
 measurement) and a PNG plot beside it (``--output`` defaults to ``benchmarks/results``).
+The grid level (``--levels grid``: every transform × placement × side) writes its own
+``<device>-<dtype>-grid[-quick].json`` and heat map ``...-grid.png``, so that its long run
+and the other levels' runs do not overwrite each other.
 A full run regenerates ``benchmarks/RESULTS.md`` (``<output>/RESULTS.md`` for another
 output folder) from every full results file there; a quick run writes ``<tag>.md``.
 Ratios are against PEFT measured in the same run.
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid as grid_bench
 import layer as layer_bench
 import model as model_bench
 import report
@@ -34,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--levels", default="layer,transforms,model",
-                        help="comma-separated subset of layer,transforms,model")
+                        help="comma-separated subset of layer,transforms,model,grid (the "
+                             "grid, every transform × placement × side, is not in the default: "
+                             "20–25 minutes a dtype on a quiet 2-core machine)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated OUTxIN layer shapes for the layer and grid levels "
+                             "(default: 1024x1024,4096x4096,4096x1024; --quick: tiny ones)")
     parser.add_argument("--output", type=Path, default=HERE / "results")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: regenerate RESULTS.md and the plots from the "
@@ -51,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats or (3 if args.quick else 21),
                         warmup=1 if args.quick else 3,
                         tokens=256 if args.quick else 2048)
+    try:
+        shapes = None if args.shapes is None else [
+            tuple(int(v) for v in shape.split("x", 1)) for shape in args.shapes.split(",")]
+    except ValueError:
+        parser.error(f"--shapes: expected OUTxIN[,OUTxIN...], got {args.shapes!r}")
     levels = set(args.levels.split(","))
-    unknown = levels - {"layer", "transforms", "model"}
+    unknown = levels - {"layer", "transforms", "model", "grid"}
     if unknown:
         parser.error(f"--levels: unknown {sorted(unknown)}")
     start = time.time()
@@ -61,30 +75,53 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - start:6.1f}s] {message}", flush=True)
 
     results: dict[str, object] = {"environment": environment(settings)}
+    runs: list[tuple[str, dict[str, object]]] = []
+    tag = f"{args.device.split(':')[0]}-{args.dtype}"
+    quick = "-quick" if args.quick else ""
+    if "grid" in levels:
+        default = grid_bench.QUICK_SHAPES if args.quick else grid_bench.SHAPES
+        measured = {"environment": results["environment"],
+                    "grid": grid_bench.run(settings, shapes or default, log)}
+        measured["elapsed_s"] = time.time() - start
+        runs.append((f"{tag}-grid{quick}", measured))
     if "layer" in levels:
-        shapes = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
-        results["layer"] = layer_bench.run(settings, shapes, log)
+        default = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
+        results["layer"] = layer_bench.run(settings, shapes or default, log)
     if "transforms" in levels:
         dims = transform_bench.QUICK_DIMS if args.quick else transform_bench.DIMS
         results["transforms"] = transform_bench.run(settings, dims, log)
     if "model" in levels:
         results["model"] = model_bench.run(settings, log)
-    results["targets"] = report.targets(results)
-    results["elapsed_s"] = time.time() - start
-
-    tag = f"{args.device.split(':')[0]}-{args.dtype}" + ("-quick" if args.quick else "")
-    path = args.output / f"{tag}.json"
-    write_json(path, results)
-    report.plot(results, args.output / f"{tag}.png")
-    log(f"wrote {path}")
-    if args.quick:
-        (args.output / f"{tag}.md").write_text(report.markdown([(tag, results)]))
-    else:
+    if levels - {"grid"}:
+        runs.append((tag + quick, results))
+    for name, measured in runs:
+        measured["targets"] = report.targets(measured)
+        measured.setdefault("elapsed_s", time.time() - start)
+        path = args.output / f"{name}.json"
+        write_json(path, measured)
+        plot(measured, args.output / f"{name}.png")
+        log(f"wrote {path}")
+        if args.quick:
+            (args.output / f"{name}.md").write_text(report.markdown([(name, measured)]))
+    if not args.quick:
         write_summary(args.output, log)
-    for target in results["targets"]:
-        log(f"{'met ' if target['met'] else 'MISS'} {target['description']}: "
-            f"{target['measured']:.3f} (at most {target['bound']})")
+    for _, measured in runs:
+        grid = [t for t in measured["targets"] if t.get("level") == "grid"]
+        if grid:  # hundreds of cells: the count, then the misses
+            log(f"grid: {sum(t['met'] for t in grid)} of {len(grid)} targets met")
+        for target in measured["targets"]:
+            if target.get("level") != "grid" or not target["met"]:
+                log(f"{'met ' if target['met'] else 'MISS'} {target['description']}: "
+                    f"{target['measured']:.3f} (at most {target['bound']})")
     return 0
+
+
+def plot(results: dict[str, object], path: Path) -> None:
+    """The grid's heat map for a grid results file, the levels' plot for another."""
+    if "grid" in results:
+        report.plot_grid(results, path)
+    else:
+        report.plot(results, path)
 
 
 def write_summary(output: Path, log) -> int:
@@ -93,7 +130,7 @@ def write_summary(output: Path, log) -> int:
     runs = [(p.stem, json.loads(p.read_text())) for p in sorted(output.glob("*.json"))
             if not p.stem.endswith("-quick")]
     for tag, results in runs:
-        report.plot(results, output / f"{tag}.png")
+        plot(results, output / f"{tag}.png")
     default = output.resolve() == (HERE / "results").resolve()
     summary = HERE / "RESULTS.md" if default else output / "RESULTS.md"
     summary.write_text(report.markdown(runs))

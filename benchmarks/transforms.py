@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, interleaved_medians
+from common import Settings, interleaved_medians, spec_label
 
 import weightcond as wc
+from weightcond.errors import WeightcondError
 
 DIMS = [256, 512, 1024, 2048, 4096, 8192]
 QUICK_DIMS = [64, 128, 256]
@@ -24,14 +26,24 @@ DENSE_LIMITS = {"dense_solve_cayley": 2048, "dense_matrix_exp": 1024, "torch_ort
                 "geotorch_orthogonal": 1024}
 TOKENS = 256
 
-OURS: dict[str, dict[str, object]] = {
-    "skew_cayley_k4": {"transform": "skew", "rank": 4, "map": "cayley"},
-    "skew_exp_k4": {"transform": "skew", "rank": 4, "map": "exp"},
-    "householder_k8": {"transform": "householder", "reflections": 8},
-    "givens": {"transform": "givens"},
-    "block_b32": {"transform": "block", "block_size": 32},
-    "diag": {"transform": "diag"},
-}
+# ours: a transform alone needs no conditioned matrix, so norm-tied ones (DoRA's magnitude,
+# whose entries depend on the norms of the matrix it conditions) are not run here. One of
+# ours whose first step at a dimension takes longer than SLOW_S is not run there nor above
+# (a dense transform's O(n³) map per step).
+SLOW_S = 2.0
+# deliberate variants beside each class's example options: (transform, extra options)
+EXTRA: list[tuple[str, dict[str, object]]] = [("skew", {"map": "exp"})]
+
+
+def ours() -> dict[str, dict[str, object]]:
+    """label -> ``{"transform": name, **options}`` for every registered transform that is not
+    norm-tied, with its class's example options, then the extra variants."""
+    specs: list[tuple[str, dict[str, object]]] = [
+        (name, dict(cls.example_options)) for name, cls in wc.TRANSFORMS.items()
+        if not cls.norm_tied]
+    specs += [(name, {**wc.TRANSFORMS[name].example_options, **extra}) for name, extra in EXTRA
+              if name in wc.TRANSFORMS]
+    return {spec_label(name, options): {"transform": name, **options} for name, options in specs}
 
 
 def _dense_skew(n: int, s: Settings, map: Callable[[torch.Tensor], torch.Tensor]):
@@ -78,15 +90,32 @@ def _step(apply: Callable[[torch.Tensor], torch.Tensor], params: list, h: torch.
 def run(s: Settings, dims: list[int], log: Callable[[str], None]) -> dict:
     results: dict[str, dict] = {}
     not_run: dict[str, dict[str, str]] = {}
+    too_slow: dict[str, str] = {}
     for n in dims:
         h = torch.randn(TOKENS, n, device=s.device, dtype=s.torch_dtype)
         grad = torch.randn_like(h)
         steps = {}
-        for name, spec in OURS.items():
-            spec = dict(spec)
-            t = wc.TRANSFORMS[spec.pop("transform")](n, **spec).to(s.device, s.torch_dtype)
-            steps[name] = _step(t.apply, list(t.parameters()), h, grad)
         skipped = {}
+        for name, spec in ours().items():
+            if name in too_slow:
+                skipped[name] = too_slow[name]
+                continue
+            spec = dict(spec)
+            try:
+                t = wc.TRANSFORMS[spec.pop("transform")](n, **spec).to(s.device, s.torch_dtype)
+            except WeightcondError as error:  # options the dimension rules out
+                skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                continue
+            step = _step(t.apply, list(t.parameters()), h, grad)
+            start = time.perf_counter()
+            step()
+            took = time.perf_counter() - start
+            if took > SLOW_S and not s.quick:
+                too_slow[name] = (f"one step took {took:.1f} s at n={n}, over {SLOW_S:.0f} s: "
+                                  f"not run from there on")
+                skipped[name] = too_slow[name]
+                continue
+            steps[name] = step
         for name, make in DENSE.items():
             if n > DENSE_LIMITS[name]:
                 continue
