@@ -56,3 +56,20 @@ class Wrapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
+
+
+def assert_matrix_free_equals_dense(layer: nn.Module, x: torch.Tensor,
+                                    inputs: list[torch.Tensor] | None = None) -> None:
+    """``layer(x)`` and the gradients of ``inputs`` (default: the trainable parameters)
+    equal those of the dense conditioned weight (:func:`weightcond.dense_forward`), float64
+    tolerances."""
+    inputs = [p for p in layer.parameters() if p.requires_grad] if inputs is None else inputs
+    y = layer(x)
+    cotangent = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, cotangent)
+    with wc.dense_forward(layer):
+        y_dense = layer(x)
+        grads_dense = torch.autograd.grad(y_dense, inputs, cotangent)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    for g, gd in zip(grads, grads_dense, strict=True):
+        torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11)

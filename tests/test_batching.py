@@ -13,6 +13,7 @@ from torch import nn
 
 import weightcond as wc
 from weightcond import batching
+from weightcond.engine import factors
 from weightcond.transforms import Householder, Skew
 
 from helpers import randomize, trainable
@@ -76,7 +77,7 @@ def test_same_values_and_gradients_one_call_per_group(calls: dict[str, int]) -> 
     assert torch.equal(got[0], expected[0])  # the same bits; gradients up to rounding
     for g, e in zip(got[1:], expected[1:], strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    assert batching._batches() == []  # nothing outlives the forward
+    assert factors._batches() == []  # nothing outlives the forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -113,7 +114,7 @@ def test_only_inside_the_forward(calls: dict[str, int]) -> None:
     wc.batch_factors(model)
     with pytest.raises(RuntimeError):
         model(torch.randn(3, 11, dtype=torch.float64))  # a wrong width fails mid-forward
-    assert batching._batches() == []
+    assert factors._batches() == []
     calls.update(low_rank=0, low_rank_batch=0)
     model[2](torch.randn(40, 12, dtype=torch.float64))  # a layer alone: its own factors
     assert calls == {"low_rank": 1, "low_rank_batch": 0}
@@ -177,7 +178,7 @@ def test_a_batch_left_behind_is_not_used_once_stale(calls: dict[str, int]) -> No
     with pytest.raises(KeyboardInterrupt):
         model(torch.randn(40, 10, dtype=torch.float64))
     handle.remove()
-    assert len(batching._batches()) == 1
+    assert len(factors._batches()) == 1
     with torch.no_grad():
         for m in (model, reference):
             for _, p in trainable(m):
@@ -185,7 +186,7 @@ def test_a_batch_left_behind_is_not_used_once_stale(calls: dict[str, int]) -> No
     x = torch.randn(40, 12, dtype=torch.float64)
     torch.testing.assert_close(model[2](x), reference[2](x), rtol=1e-12, atol=1e-12)
     model(torch.randn(40, 10, dtype=torch.float64))
-    assert batching._batches() == []
+    assert factors._batches() == []
 
 
 def test_functional_call_inside_the_forward() -> None:

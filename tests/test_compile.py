@@ -1,7 +1,7 @@
 """Every preset under ``torch.compile``: compiled forward and backward equal eager, the
 forward traces as one graph (no graph breaks, matrix-free or dense), and a compiled model
 is reused for new inputs, after optimizer steps and (with ``dynamic=True``) for every token
-count of one fold regime (see Note (folded rotations) in ``placement.py``).
+count with one plan (see Note (plan, then execute) in ``weightcond.engine.plan``).
 
 The numerical comparison runs Inductor when a C++ compiler is on the path (Inductor's CPU
 backend needs one), otherwise ``aot_eager`` (which still runs AOTAutograd's traced
@@ -121,15 +121,30 @@ def test_new_inputs_and_steps_reuse_the_graph(name: str) -> None:
     assert graphs() == 1
 
 
+def same_plan_token_counts(model: nn.Sequential) -> tuple[int, int]:
+    """Two token counts, one double the other, for which every layer has the same plan
+    (Note (plan, then execute)): the first layer's input needs no gradient, the second's
+    does."""
+    layers = [model[0], model[2]]
+
+    def forms(tokens: int) -> list[object]:
+        return [wc.explain(layer, tokens=tokens, input_grad=i > 0).forms
+                for i, layer in enumerate(layers)]
+
+    for tokens in (TOKENS, 2 * TOKENS, 4 * TOKENS, 8 * TOKENS, 16 * TOKENS):
+        if forms(tokens) == forms(2 * tokens):
+            return tokens, 2 * tokens
+    raise AssertionError("no two token counts with one plan")
+
+
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_dynamic_token_counts_reuse_the_graph(name: str) -> None:
-    """Within one regime; crossing one compiles once more, by design: the fold (at least
-    ``DIM / 4`` tokens) and the weight form (``oft``: more than ``DIM / 2`` tokens with the
-    input's gradient, more than ``DIM`` without)."""
+    """Token counts with the same plan share one graph; a count with another plan compiles
+    once more, by design (the plan's forms are Python decisions on the token count)."""
     model = model_for(name)
     compiled = torch.compile(model, backend="eager", dynamic=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for tokens in (TOKENS // 2, TOKENS):
+        for tokens in same_plan_token_counts(model):
             compiled(torch.randn(tokens, DIM)).square().sum().backward()
     assert graph_breaks() == {}
     assert graphs() == 1

@@ -344,8 +344,8 @@ def norm_conditioning(layer: nn.Module) -> float:
     ``magnitude``'s); 1 without them. Both forms round ``M = W + ΔW`` before dividing by its
     norm, so a line that nearly cancels (``‖M‖ ≪ ‖W‖``) magnifies that rounding in the
     output by this factor, whatever the algorithm (Note (cancelled rows) in
-    ``placement.py``)."""
-    conditioning = wc.layer._adapters(layer).current()
+    ``weightcond.engine.execute``)."""
+    conditioning = wc.layer.adapters_of(layer).current()
     weight = layer.parametrizations.weight.original.detach().double()
     update = wc.get_update(layer)
     delta = torch.zeros_like(weight) if update is None else update.matrix().detach().double()

@@ -52,7 +52,7 @@ CATALOGUE = [
     ("layer-type", lambda layer: wc.register_update(torch.nn.Conv1d(3, 3, 1), rank=1),
      wc.LayerTypeError,
      r"register_update: argument 'layer' expected one of \(torch\.nn\.Linear, transformers' "
-     r"Conv1D \(GPT-2\), torch\.nn\.Conv2d\), got Conv1d"),
+     r"Conv1D \(GPT-2\), torch\.nn\.Conv2d, torch\.nn\.Embedding\), got Conv1d"),
     ("rank-zero", lambda layer: wc.register_update(layer, rank=0), wc.OptionError,
      r"register_update: argument 'rank' expected an int >= 1, got 0"),
     ("rank-type", lambda layer: wc.register_update(layer, rank="4"), wc.OptionError,

@@ -1,5 +1,5 @@
 """``torch.func`` over conditioned layers: per-sample gradients with ``vmap(grad(...))`` equal
-those of one backward per sample (Note (torch.func) in ``weightcond.placement``)."""
+those of one backward per sample (Note (torch.func) in ``weightcond.engine.kernels``)."""
 
 from __future__ import annotations
 

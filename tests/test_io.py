@@ -525,8 +525,8 @@ FAILURES: list[tuple[str, Callable[[Path], Any], str, type, str]] = [
                       r"got a Linear of shape \(32, 32\)"),
     ("unsupported-layer", move_layer(QUERY, "embeddings.word_embeddings"), "bert",
      wc.AdapterError,
-     r"load_adapter: layer 'embeddings\.word_embeddings': argument 'layer' expected one of "
-     r"\(torch\.nn\.Linear, .*\), got Embedding"),
+     r"load_adapter: layer 'embeddings\.word_embeddings' expected a Linear of shape \(out, "
+     r"in\) = \(32, 32\), got an Embedding of shape \(32, 100\)"),
     ("missing-tensor", lambda f: edit_tensors(f, lambda t: t.pop(A)), "bert", wc.AdapterError,
      r"load_adapter: weightcond_adapter\.safetensors does not match weightcond_adapter\.json: "
      rf"missing \['{A}'\], extra none"),

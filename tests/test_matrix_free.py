@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import weightcond as wc
+from weightcond.engine import Form
 
 from helpers import make_layer, randomize
 
@@ -274,14 +275,15 @@ def test_inexact_block_maps_do_not_fuse() -> None:
         randomize(layer)
         assert not block.fuses_linear
         x = torch.randn(W_TOKENS, W_IN, dtype=torch.float64, requires_grad=True)
-        with LargestNewTensor() as record:
-            y = layer(x)
-        assert record.largest[0] >= W_TOKENS * W_IN  # the activations were rotated
+        for input_grad in (False, True):  # the planner prices the other forms
+            plan = wc.explain(layer, tokens=W_TOKENS, input_grad=input_grad)
+            assert [o for o, _ in plan.options[0]] == [Form.ACTIVATION, Form.WEIGHT], plan
+        y = layer(x)
         with wc.dense_forward(layer):
             torch.testing.assert_close(y, layer(x))
 
 
-# -- the layer as one autograd node (Note (one node for the layer) in placement.py) -------------
+# -- the layer as one autograd node (Note (one node for the layer) in engine/kernels.py) -------
 
 NODE_IN, NODE_OUT = 5, 4
 
@@ -297,7 +299,7 @@ def test_layer_node_gradients(tokens: int, diag: bool, terms: bool, vector: bool
     """Every gradient of ``(x Wᵀ) ⊙ d + (x Lᵀ) R + v (+ b)`` and, with ``post``, of
     ``((x Wᵀ) + (x Lᵀ) R) ⊙ d + v``, the frozen weight's too, against finite differences in
     float64."""
-    from weightcond.placement import _LinearNode
+    from weightcond.engine.kernels import LinearNode as _LinearNode
 
     g = torch.Generator().manual_seed(tokens)
 
@@ -318,9 +320,9 @@ def test_layer_node_gradients(tokens: int, diag: bool, terms: bool, vector: bool
 def test_presets_run_as_one_node_with_the_step_list_bits(monkeypatch, preset: str, options,
                                                          tokens: int) -> None:
     """LoRA, Pre-Diag, SORA (its rotation folded) and DoRA run their layer as one node, whose
-    forward gives the bits of the step list (:func:`weightcond.placement._run`) and whose
-    gradients equal its gradients."""
-    import weightcond.placement as placement
+    forward gives the bits of the step list (:func:`weightcond.engine.execute.run_steps`) and
+    whose gradients equal its gradients."""
+    import weightcond.engine.execute as execute
 
     results = {}
     for node in (True, False):
@@ -329,11 +331,11 @@ def test_presets_run_as_one_node_with_the_step_list_bits(monkeypatch, preset: st
         wc.apply_preset(layer, preset, rank=2, **options)
         randomize(layer)
         if not node:
-            monkeypatch.setattr(placement, "_one_node", lambda *args: None)
+            monkeypatch.setattr(execute, "_one_node", lambda *args: None)
         x = torch.randn(tokens, 6, dtype=torch.float64, requires_grad=True)
         y = layer(x)
         producer = y.grad_fn.next_functions[0][0]  # under the output's reshape
-        assert ("_LinearNode" in type(producer).__name__) == node, producer
+        assert ("LinearNode" in type(producer).__name__) == node, producer
         params = [x, *(p for p in layer.parameters() if p.requires_grad)]
         grads = torch.autograd.grad(y, params, torch.randn_like(y))
         results[node] = (y, grads)

@@ -371,10 +371,10 @@ def test_fused_block_under_autocast(input_grad: bool) -> None:
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("cancelled", [3, 16])
 def test_dora_rows_of_w_plus_update_that_cancel(detach_norm: bool, cancelled: int) -> None:
-    """Note (cancelled rows) in ``placement.py``: where ``W_i`` and ``s(BA)_i`` nearly cancel,
-    both forms lose accuracy in proportion to ``κ = (‖W_i‖ + ‖s(BA)_i‖) / ‖X_i‖`` (1e6 here:
-    they round ``X_i`` first); the fast path stays within that, the expansion of ``‖X_i‖²``
-    alone would lose ``κ²``."""
+    """Note (cancelled rows) in ``weightcond.engine.norms``: where ``W_i`` and ``s(BA)_i``
+    nearly cancel, both forms lose accuracy in proportion to
+    ``κ = (‖W_i‖ + ‖s(BA)_i‖) / ‖X_i‖`` (1e6 here: they round ``X_i`` first); the fast path
+    stays within that, the expansion of ``‖X_i‖²`` alone would lose ``κ²``."""
     out, n = 40, 24
     layer = make_layer(out, n)
     wc.apply_preset(layer, "dora", rank=4, detach_norm=detach_norm)

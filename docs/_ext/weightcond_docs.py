@@ -162,32 +162,6 @@ class MethodTable(_Generated):
                             "in this version", "reference"], rows, "10 22 26 20 22")
 
 
-# per transform: the symbol of its matrix and its matrix-free cost per token on a side of
-# dimension n (the same numbers as the transform pages); a transform registered elsewhere
-# falls back to a generic Q and a pointer to its own documentation
-_SYMBOLS = {
-    "diag": (r"\operatorname{diag}(d)", "{n}"),
-    "magnitude": (r"\operatorname{diag}(m \oslash \|X\|)", r"{n}\ (+\text{ norms of } X)"),
-    "skew": (r"Q_S", "O({n}\\,k)"),
-    "block": (r"Q_B", "O({n}\\,b)"),
-    "butterfly": (r"Q_{BF}", "O(m\\,{n}\\,b)"),
-    "householder": (r"H_1 \cdots H_k", "O({n}\\,k)"),
-    "givens": (r"G_R \cdots G_1", "O({n}\\,R)"),
-    "orthogonal": (r"Q", "O({n}^2)"),
-}
-_CELL_METHODS = {
-    ("diag", "left", "pre"): "Pre-Diag; SORA's calibration",
-    ("magnitude", "left", "post"): "DoRA",
-    ("skew", "left", "post"): "SORA's rotation",
-    ("block", "right", "pre"): "OFT (without an update)",
-    ("block", "right", "post"): "OFT (without an update)",
-    ("householder", "right", "pre"): "HRA (without an update)",
-    ("householder", "right", "post"): "HRA (without an update)",
-    ("butterfly", "right", "pre"): "BOFT (without an update, with a left diag)",
-    ("butterfly", "right", "post"): "BOFT (without an update, with a left diag)",
-    ("givens", "right", "pre"): "GOFT (without an update)",
-    ("givens", "right", "post"): "GOFT (without an update)",
-}
 _CELL_FORMULAS = {
     ("left", "pre"): r"{q}\,W + \Delta W",
     ("left", "post"): r"{q}\,(W + \Delta W)",
@@ -203,17 +177,16 @@ class CellTable(_Generated):
         import weightcond as wc
 
         rows = []
-        for name in wc.TRANSFORMS:
-            symbol, cost = _SYMBOLS.get(name, ("Q", "see its class"))
+        # each transform's symbol, cost and published cells are attributes of its class
+        for name, cls in wc.TRANSFORMS.items():
             for side in ("left", "right"):
                 n = "out" if side == "left" else "in"
                 for placement in ("pre", "post"):
-                    formula = _CELL_FORMULAS[side, placement].format(q=symbol)
-                    per_token = cost.replace("{n}", rf"\text{{{n}}}")
+                    formula = _CELL_FORMULAS[side, placement].format(q=cls.symbol)
+                    per_token = cls.cost_per_token.replace("{n}", rf"\text{{{n}}}")
                     rows.append([_literal(name), f"{side}, {placement}",
-                                 f":math:`W' = {formula}`",
-                                 f":math:`{per_token}`" if name in _SYMBOLS else per_token,
-                                 _CELL_METHODS.get((name, side, placement), "")])
+                                 f":math:`W' = {formula}`", f":math:`{per_token}`",
+                                 cls.published.get((side, placement), "")])
         return _list_table(["transform", "side, placement", "conditioned weight",
                             "extra cost per token", "published method"], rows,
                            "12 12 30 20 26")

@@ -31,6 +31,7 @@ from .layer import (
     conditioners,
     delta_weight,
     dense_forward,
+    explain,
     get_update,
     is_conditioned,
     merge,
@@ -43,8 +44,7 @@ from .placement import Conditioner, Conditioning
 from .presets import PRESETS, Applied, ConditionerSpec, Option, Preset, apply_preset
 from .transforms import TRANSFORMS, Transform, register_transform
 from .update import LowRankUpdate
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "PRESETS",
@@ -77,6 +77,7 @@ __all__ = [
     "delta_weight",
     "dense_forward",
     "disabled",
+    "explain",
     "from_peft",
     "get_update",
     "interop",

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerTypeError, OptionError, ShapeError, StateError, check_bool, check_choice
-from .layer import _base_matrix, _require_conditioned, conditioners, delta_weight, is_conditioned
+from .layer import base_matrix, conditioners, delta_weight, is_conditioned, require_conditioned
 
 __all__ = [
     "LayerMetrics",
@@ -392,7 +392,7 @@ def _layer_metrics(layer: nn.Module) -> LayerMetrics:
     with torch.no_grad():
         delta = delta_weight(layer)
         raw, s = _singular_values("layer_report", "layer", delta)
-        base = torch.linalg.matrix_norm(_as_matrix("layer_report", "layer", _base_matrix(layer)),
+        base = torch.linalg.matrix_norm(_as_matrix("layer_report", "layer", base_matrix(layer)),
                                         ord=2)
         h = _entropy_of(s, "sum")
         errors = _orthogonality_errors(layer)
@@ -456,7 +456,7 @@ def layer_report(layer: nn.Module) -> LayerMetrics:
         >>> m.orthogonality_errors["post.left.skew"] < 10 * 32 * torch.finfo(torch.float32).eps
         True
     """
-    _require_conditioned(layer, "layer_report")
+    require_conditioned(layer, "layer_report")
     return _layer_metrics(layer)
 
 

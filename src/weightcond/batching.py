@@ -33,66 +33,18 @@ DeepSpeed ZeRO-3) are not supported: pass ``batch_factors=False`` to
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .engine import factors
 from .errors import LayerTypeError, check_bool
+from .layer import Adapters
+from .transforms.base import Transform
 
-if TYPE_CHECKING:  # transforms.base uses low_rank: no import of it at run time
-    from .transforms.base import Transform
-
-__all__ = ["batch_factors", "low_rank"]
-
-# each transform's factors, and its parameters with their versions when they were computed
-_Stamp = list[tuple[Tensor, int]]
-_Factors = dict["Transform", tuple[tuple[Tensor, Tensor], _Stamp]]
-_state = threading.local()  # .batches: (model, factors) of the model forwards running now
-
-
-def _batches() -> list[tuple[nn.Module, _Factors]]:
-    if not hasattr(_state, "batches"):
-        _state.batches = []
-    return _state.batches  # type: ignore[no-any-return]
-
-
-def _saved_tensor_hooks_active() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:  # an unknown torch: assume hooks may be active and do not batch
-        return True
-    return top(False) is not None
-
-
-def low_rank(transform: Transform) -> tuple[Tensor, Tensor] | None:
-    """``transform.low_rank()``, from the running model forward's batch when it has one
-    (every caller of a transform's factors goes through here)."""
-    batches = _batches()
-    if batches and not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
-        for _, batch in reversed(batches):
-            entry = batch.get(transform)
-            if entry is not None and _current(transform, entry[1]):
-                return entry[0]
-    return transform.low_rank()
-
-
-def _stamp(t: Transform) -> _Stamp | None:
-    try:
-        return [(p, p._version) for p in t.parameters()]
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
-
-
-def _current(t: Transform, stamp: _Stamp) -> bool:
-    """Whether ``t`` still has the very parameters, unchanged, that its batched factors were
-    computed from: not so for ``torch.func.functional_call`` on a part of the model inside
-    its forward (other tensors), or after an optimizer step when a forward ended without its
-    hook (a ``KeyboardInterrupt``: the hook runs on ``Exception`` only)."""
-    params = list(t.parameters())
-    return len(params) == len(stamp) and all(
-        p is q and p._version == v for p, (q, v) in zip(params, stamp))
+__all__ = ["batch_factors"]
 
 
 class _Together(torch.autograd.Function):
@@ -156,12 +108,10 @@ def _adapters_in(model: nn.Module, kind: type) -> list[Any]:
     return found
 
 
-def _compute(model: nn.Module) -> _Factors:
+def _compute(model: nn.Module) -> factors.Batch:
     """The factors of every batchable transform of the model's active adapters."""
-    from .layer import Adapters  # layer imports placement, which imports this module
-
     # per key, each transform once (a layer shared by two parents) with its stamp
-    groups: dict[Hashable, dict[Transform, _Stamp]] = {}
+    groups: dict[Hashable, dict[Transform, factors.Stamp]] = {}
     for module in _adapters_in(model, Adapters):
         conditioning = module.current()
         if conditioning is None or module.dense or not module.kind.matrix_free:
@@ -169,33 +119,29 @@ def _compute(model: nn.Module) -> _Factors:
         for conditioner in conditioning.conditioners():
             t = conditioner.transform
             key = t.batch_key()
-            stamp = _stamp(t) if key is not None and _plain(t) else None
+            stamp = factors.stamp(t) if key is not None and _plain(t) else None
             if stamp is not None:
                 groups.setdefault(key, {})[t] = stamp
-    batch: _Factors = {}
+    batch: factors.Batch = {}
     for members in groups.values():
         if len(members) > 1:
-            for (t, stamp), factors in zip(members.items(), _together(list(members))):
-                batch[t] = (factors, stamp)
+            for (t, stamp), pair in zip(members.items(), _together(list(members))):
+                batch[t] = (pair, stamp)
     return batch
 
 
 def _before_forward(model: nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
         return
-    batches = _batches()
     # a model does not run inside its own forward: an entry of this model's is left over
-    # from a forward that ended without _after_forward (a KeyboardInterrupt)
-    batches[:] = [(m, b) for m, b in batches if m is not model]
-    batches.append((model, _compute(model)))
+    # from a forward that ended without _after_forward (a KeyboardInterrupt); enter drops it
+    factors.enter(model, _compute(model))
 
 
 def _after_forward(model: nn.Module, args: Any, output: Any) -> None:
     if torch.compiler.is_compiling():
         return
-    batches = _batches()
-    if batches and batches[-1][0] is model:  # not when _before_forward raised
-        batches.pop()
+    factors.leave(model)  # no effect when _before_forward raised
 
 
 def batch_factors(model: nn.Module, enabled: bool = True) -> None:

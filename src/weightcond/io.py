@@ -59,20 +59,21 @@ from torch import Tensor, nn
 
 from .errors import AdapterError, OptionError, StateError, WeightcondError
 from .layer import (
-    _adapters,
-    _add_conditioner,
-    _base_matrix,
-    _build_conditioner,
-    _build_update,
-    _install,
+    adapters_of,
+    add_conditioner,
+    base_matrix,
+    build_conditioner,
+    build_update,
     check_adapter_name,
     conditioned_layers,
+    install_conditioning,
     is_conditioned,
     remove_conditioning,
     require_module,
 )
 from .placement import Conditioning
 from .reshape import layer_kind
+from .version import __version__
 
 __all__ = ["CONFIG_NAME", "PEFT_CONFIG_NAME", "PEFT_TENSORS_NAME", "TENSORS_NAME",
            "adapter_files", "load_adapter", "save_adapter"]
@@ -104,9 +105,9 @@ _FLOAT_DTYPES = {str(d).removeprefix("torch."): d
                  for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article (``a Linear``, ``an Embedding``)."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def brief(value: Any, limit: int = 80) -> str:
@@ -257,7 +258,7 @@ def _layer_record(name: str, layer: nn.Module, conditioning: Conditioning, where
     record: dict[str, Any] = {
         "kind": kind.name,
         "shape": [conditioning.out_features, conditioning.in_features],
-        "dtype": _dtype_name(_base_matrix(layer).dtype),
+        "dtype": _dtype_name(base_matrix(layer).dtype),
         "update": None,
         "conditioners": [],
     }
@@ -281,7 +282,7 @@ def _layer_record(name: str, layer: nn.Module, conditioning: Conditioning, where
     return record
 
 
-def _adapter_layers(model: nn.Module, adapter_name: str | None, where: str
+def adapter_layers(model: nn.Module, adapter_name: str | None, where: str
                     ) -> tuple[str, list[tuple[str, nn.Module, Conditioning]]]:
     if adapter_name is not None:
         check_adapter_name(where, adapter_name)
@@ -290,17 +291,17 @@ def _adapter_layers(model: nn.Module, adapter_name: str | None, where: str
         raise AdapterError(f"{where}: argument 'model' expected a model with conditioned "
                            f"layers, got none in {type(model).__name__}")
     if adapter_name is None:
-        active = {_adapters(layer).active for _, layer in layers} - {None}
+        active = {adapters_of(layer).active for _, layer in layers} - {None}
         if len(active) != 1:
             found = ("no active adapter" if not active else
                      "the active adapters " + ", ".join(map(repr, sorted(active))))
             raise AdapterError(f"{where}: argument 'adapter_name' is needed: the model's "
                                f"layers have {found}")
         adapter_name = active.pop()
-    found = [(n, layer, _adapters(layer).adapters[adapter_name]) for n, layer in layers
-             if adapter_name in _adapters(layer).adapters]
+    found = [(n, layer, adapters_of(layer).adapters[adapter_name]) for n, layer in layers
+             if adapter_name in adapters_of(layer).adapters]
     if not found:
-        names = sorted({a for _, layer in layers for a in _adapters(layer).adapters})
+        names = sorted({a for _, layer in layers for a in adapters_of(layer).adapters})
         raise AdapterError(f"{where}: argument 'adapter_name' expected one of "
                            f"{', '.join(map(repr, names))}, got {adapter_name!r}")
     return adapter_name, found
@@ -385,11 +386,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     where = "save_adapter"
     require_module(model, where, "model")
     target = check_path(where, path)
-    adapter_name, found = _adapter_layers(model, adapter_name, where)
+    adapter_name, found = adapter_layers(model, adapter_name, where)
     saved = check_modules_to_save(where, model, modules_to_save,
                                   [n for n, _ in conditioned_layers(model)])
     config: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "weightcond_version": _version(),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "weightcond_version": __version__,
         "torch_version": torch.__version__, "model": type(model).__name__,
         "adapter_name": adapter_name, "layers": {}, "modules": {},
     }
@@ -410,11 +411,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     config["tensors_sha256"] = _digest(tensors)
     # the digest of what a load will parse: the JSON round trip turns tuples into lists
     config["recipe_sha256"] = _recipe_digest(json.loads(json.dumps(config, allow_nan=False)))
-    _write_atomically(target, config, tensors, save_file, where)
+    write_atomically(target, config, tensors, save_file, where)
     return target
 
 
-def _write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, Tensor],
+def write_atomically(target: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                       save_file: Any, where: str,
                       names: tuple[str, str] = (CONFIG_NAME, TENSORS_NAME)) -> None:
     """Write ``config`` and ``tensors`` as the files ``names`` of the directory ``target``,
@@ -619,7 +620,7 @@ def _check_config(config: Any, where: str, config_name: str) -> None:
     version = config.get("format_version")
     _expect(is_int(version) and 1 <= version <= FORMAT_VERSION,
             f"format_version expected 1..{FORMAT_VERSION}, got {brief(version)} (saved by "
-            f"weightcond {brief(config.get('weightcond_version'))}; this is {_version()})")
+            f"weightcond {brief(config.get('weightcond_version'))}; this is {__version__})")
     keys = tuple(k for k in _KEYS if _SINCE.get(k, 1) <= version)
     _known_keys(config, keys, "the configuration has ")
     for key in ("weightcond_version", "torch_version", "model"):
@@ -686,23 +687,23 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
     kind = layer_kind(layer, where)
     shape = kind.shape(layer)
     if record["kind"] != kind.name or list(shape) != record["shape"]:
-        raise AdapterError(f"{where}: layer {name!r} expected a {record['kind']} of shape "
-                           f"(out, in) = {tuple(record['shape'])}, got a {kind.name} of shape "
+        raise AdapterError(f"{where}: layer {name!r} expected {_a(record['kind'])} of shape "
+                           f"(out, in) = {tuple(record['shape'])}, got {_a(kind.name)} of shape "
                            f"{shape} (an adapter for another model?)")
     # the builders validate every value as registration does (ranges, and numbers the
     # layer's dtype cannot hold: alpha = 1e308 in float32)
     conditioning = Conditioning(*shape)
     if record["update"] is not None:
-        conditioning.update = _build_update(layer, where, rank=record["update"]["rank"],
+        conditioning.update = build_update(layer, where, rank=record["update"]["rank"],
                                             alpha=record["update"]["alpha"],
                                             adapter_name=adapter_name)
-    base = _base_matrix(layer)
+    base = base_matrix(layer)
     for entry in record["conditioners"]:
-        conditioner = _build_conditioner(
+        conditioner = build_conditioner(
             layer, where, placement=entry["placement"], side=entry["side"],
             transform=entry["transform"], condition_bias=entry["condition_bias"],
             options=entry["options"])
-        _add_conditioner(conditioning, base, conditioner)
+        add_conditioner(conditioning, base, conditioner)
     return conditioning
 
 
@@ -788,7 +789,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         >>> torch.equal(fresh(x), model(x))
         True
     """
-    from .model import _activate
+    from .model import activate
 
     where = "load_adapter"
     require_module(model, where, "model")
@@ -813,7 +814,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
         raise AdapterError(f"{where}: {tensors_name} does not match {config_name}: missing "
                            f"{missing[:5] or 'none'}, extra {extra[:5] or 'none'}")
     taken = [n for n in records if is_conditioned(modules[n])
-             and name in _adapters(modules[n]).adapters]
+             and name in adapters_of(modules[n]).adapters]
     if taken:
         raise StateError(f"{where}: argument 'adapter_name' expected a new adapter, got "
                          f"{name!r}, which layer {taken[0]!r} already has; pass another name")
@@ -833,14 +834,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     try:
         for layer_name, conditioning in built:
             layer = modules[layer_name]
-            active = _adapters(layer).active if is_conditioned(layer) else None
-            _install(layer, name, conditioning)
+            active = adapters_of(layer).active if is_conditioned(layer) else None
+            install_conditioning(layer, name, conditioning)
             installed.append((layer, active))
     except Exception:
         for layer, active in installed:  # put the model back as it was
             remove_conditioning(layer, adapter_name=name)
             if active is not None:
-                _adapters(layer).active = active
+                adapters_of(layer).active = active
         raise
     for _, conditioning in built:
         for c in conditioning.conditioners():
@@ -848,7 +849,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *,
     with torch.no_grad():
         for target, value in copies:
             target.copy_(value)
-    _activate(model, name)
+    activate(model, name)
     for target, _ in copies:  # trained with the adapter: trainable with it
         if isinstance(target, nn.Parameter):
             target.requires_grad_(True)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .engine.plan import Plan, plan
 from .errors import (
     LayerTypeError,
     OptionError,
@@ -44,6 +45,7 @@ from .errors import (
     WeightcondError,
     check_bool,
     check_choice,
+    check_int,
 )
 from .placement import Conditioner, Conditioning, Side, Stage
 from .reshape import LayerKind, layer_kind
@@ -55,6 +57,7 @@ __all__ = [
     "conditioners",
     "delta_weight",
     "dense_forward",
+    "explain",
     "get_update",
     "is_conditioned",
     "merge",
@@ -119,14 +122,15 @@ class Adapters(nn.Module):
 
 
 def _forward(self: nn.Module, input: Tensor) -> Tensor:
-    adapters = _adapters(self)
+    adapters = adapters_of(self)
     kind = adapters.kind
     conditioning = adapters.current()
     if conditioning is None or adapters.dense or not kind.matrix_free:
-        return kind.compute(self, input, self.weight, self.bias)
+        return kind.compute(self, input, self.weight, kind.bias(self))
     params = self.parametrizations
-    bias = params.bias.original if "bias" in params else self.bias
-    return conditioning.activation(input, kind.to_matrix(params.weight.original), bias)
+    bias = params.bias.original if "bias" in params else kind.bias(self)
+    project = None if kind.projection is None else kind.projection(self)
+    return conditioning.activation(input, kind.to_matrix(params.weight.original), bias, project)
 
 
 def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -189,10 +193,10 @@ class _ConditionedBias(nn.Module):
 
     def forward(self, bias: Tensor) -> Tensor:
         layer = self._layer
-        conditioning = _adapters(layer).current()
+        conditioning = adapters_of(layer).current()
         if conditioning is None:
             return bias
-        return conditioning.conditioned_bias(bias, _base_matrix(layer))
+        return conditioning.conditioned_bias(bias, base_matrix(layer))
 
 
 def is_conditioned(layer: nn.Module) -> bool:
@@ -213,18 +217,18 @@ def _require_own_class(layer: nn.Module, where: str) -> None:
                          f"state dict into an unwrapped copy and call {where} on that")
 
 
-def _adapters(layer: nn.Module) -> Adapters:
+def adapters_of(layer: nn.Module) -> Adapters:
     return layer.parametrizations.weight[0]  # type: ignore[no-any-return]
 
 
-def _require_conditioned(layer: nn.Module, where: str) -> Adapters:
+def require_conditioned(layer: nn.Module, where: str) -> Adapters:
     if not isinstance(layer, nn.Module):
         raise LayerTypeError(f"{where}: argument 'layer' expected an nn.Module, "
                              f"got {type(layer).__name__}")
     if not is_conditioned(layer):
         raise StateError(f"{where}: argument 'layer' expected a conditioned layer, got an "
                          f"unconditioned {type(layer).__name__}")
-    return _adapters(layer)
+    return adapters_of(layer)
 
 
 def _named(adapters: Adapters, adapter_name: str | None, where: str) -> Conditioning | None:
@@ -245,7 +249,7 @@ def _base_weight(layer: nn.Module) -> Tensor:
     return layer.weight  # type: ignore[no-any-return]
 
 
-def _base_matrix(layer: nn.Module) -> Tensor:
+def base_matrix(layer: nn.Module) -> Tensor:
     """The frozen weight as an ``(out, in)`` matrix (a view)."""
     return layer_kind(layer, "weightcond").to_matrix(_base_weight(layer))
 
@@ -253,7 +257,7 @@ def _base_matrix(layer: nn.Module) -> Tensor:
 def _base_bias(layer: nn.Module) -> Tensor | None:
     if is_conditioned(layer) and parametrize.is_parametrized(layer, "bias"):
         return layer.parametrizations.bias.original  # type: ignore[no-any-return]
-    return getattr(layer, "bias", None)
+    return layer_kind(layer, "weightcond").bias(layer)
 
 
 def require_module(module: Any, where: str, argument: str) -> nn.Module:
@@ -285,6 +289,11 @@ def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
                              f"torch.nn.utils.parametrize parametrizations (weightcond owns "
                              f"the weight's), got one parametrized on {names}")
         _check_weight(layer, kind, where)
+        if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
+            what = "max_norm (it renormalises the frozen table in place at every lookup)" \
+                if layer.max_norm is not None else "sparse=True (sparse gradients)"
+            raise StateError(f"{where}: argument 'layer' expected an Embedding without "
+                             f"{what.split(' (')[0]}, got one with {what}")
     return kind.shape(layer)
 
 
@@ -349,12 +358,12 @@ def check_adapter_name(where: str, name: Any) -> str:
 
 def _conditioning_for(layer: nn.Module, adapter_name: str) -> Conditioning:
     """The layer's adapter ``adapter_name``, or a new one not yet attached."""
-    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
-        return _adapters(layer).adapters[adapter_name]  # type: ignore[no-any-return]
+    if is_conditioned(layer) and adapter_name in adapters_of(layer).adapters:
+        return adapters_of(layer).adapters[adapter_name]  # type: ignore[no-any-return]
     return Conditioning(*layer_kind(layer, "weightcond").shape(layer))
 
 
-def _install(layer: nn.Module, adapter_name: str, conditioning: Conditioning) -> None:
+def install_conditioning(layer: nn.Module, adapter_name: str, conditioning: Conditioning) -> None:
     """Make ``conditioning`` the layer's active adapter ``adapter_name``: class swap and
     parametrizations on first use, the bias parametrization when a conditioner needs it."""
     if not is_conditioned(layer):
@@ -367,7 +376,7 @@ def _install(layer: nn.Module, adapter_name: str, conditioning: Conditioning) ->
             layer.__class__ = type(layer).__bases__[0]
             del layer._weightcond_order
             raise
-    adapters = _adapters(layer)
+    adapters = adapters_of(layer)
     if adapter_name not in adapters.adapters:
         adapters.adapters[adapter_name] = conditioning
     adapters.active = adapter_name
@@ -390,7 +399,7 @@ _REGISTERING = torch.inference_mode(False)
 
 # -- the update -----------------------------------------------------------------------------------
 @_REGISTERING
-def _build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None,
+def build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None,
                   adapter_name: str = DEFAULT_ADAPTER) -> LowRankUpdate:
     out_features, in_features = _check_layer(layer, where)
     check_adapter_name(where, adapter_name)
@@ -413,7 +422,7 @@ def _attach_update(layer: nn.Module, update: LowRankUpdate,
                    adapter_name: str = DEFAULT_ADAPTER) -> None:
     conditioning = _conditioning_for(layer, adapter_name)
     conditioning.update = update
-    _install(layer, adapter_name, conditioning)
+    install_conditioning(layer, adapter_name, conditioning)
 
 
 def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None,
@@ -449,7 +458,7 @@ def register_update(layer: nn.Module, *, rank: int, alpha: float | None = None,
         >>> tuple(upd.A.shape), tuple(upd.B.shape), upd.scaling
         ((2, 8), (6, 2), 2.0)
     """
-    update = _build_update(layer, "register_update", rank=rank, alpha=alpha,
+    update = build_update(layer, "register_update", rank=rank, alpha=alpha,
                            adapter_name=adapter_name)
     _attach_update(layer, update, adapter_name)
     return update
@@ -518,7 +527,7 @@ def _build_transform(transform: Any, dim: int, options: Mapping[str, Any], where
 
 
 @_REGISTERING
-def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: str,
+def build_conditioner(layer: nn.Module, where: str, *, placement: str, side: str,
                        transform: Any, condition_bias: bool, options: Mapping[str, Any]
                        ) -> Conditioner:
     out_features, in_features = _check_layer(layer, where)
@@ -540,6 +549,14 @@ def _build_conditioner(layer: nn.Module, where: str, *, placement: str, side: st
     _check_representable(options, weight.dtype, label)
     built.to(dtype=weight.dtype, device=weight.device)
     _check_transform(built, weight, where, label, options)
+    kind = layer_kind(layer, where)
+    if kind.projection is not None and where_side is Side.RIGHT and built.low_rank_size is None:
+        thin = [n for n, cls in TRANSFORMS.items()
+                if cls.low_rank_size is not Transform.low_rank_size]
+        raise OptionError(
+            f"{where}: argument 'transform' expected, on the right of a layer whose input is "
+            f"indices ({kind.name}), not vectors to rotate, a transform with a low-rank form "
+            f"({', '.join(map(repr, thin))}), got {type(built).name or type(built).__name__!r}")
     conditioner = Conditioner(built, stage, where_side, condition_bias)
     # what a saved adapter records to rebuild it (weightcond.save_adapter); a transform
     # object passed in has unknown constructor options, so it has no recipe
@@ -604,7 +621,7 @@ def _probe_error(transform: Transform, weight: Tensor, where: str, label: str,
                           f"{type(transform).__name__}, whose {what} fails ({cause})")
 
 
-def _add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Conditioner) -> None:
+def add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Conditioner) -> None:
     """Append ``conditioner`` to its stage, initialising a norm-tied transform from the norms
     of the matrix it conditions (``base`` is the ``(out, in)`` frozen weight)."""
     stage = Stage(conditioner.placement)
@@ -620,11 +637,11 @@ def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
     """Initialise (which may fail in user code) before touching the layer, then attach."""
     conditioning = _conditioning_for(layer, adapter_name)
     was_conditioned = is_conditioned(layer)
-    was_present = was_conditioned and adapter_name in _adapters(layer).adapters
-    previous = _adapters(layer).active if was_conditioned else None
-    _add_conditioner(conditioning, _base_matrix(layer), conditioner)
+    was_present = was_conditioned and adapter_name in adapters_of(layer).adapters
+    previous = adapters_of(layer).active if was_conditioned else None
+    add_conditioner(conditioning, base_matrix(layer), conditioner)
     try:
-        _install(layer, adapter_name, conditioning)
+        install_conditioning(layer, adapter_name, conditioning)
     except Exception:
         del conditioning.stage(Stage(conditioner.placement))[-1]
         if not was_conditioned:
@@ -632,8 +649,8 @@ def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
                 _strip(layer)
         else:
             if not was_present:
-                del _adapters(layer).adapters[adapter_name]
-            _adapters(layer).active = previous
+                del adapters_of(layer).adapters[adapter_name]
+            adapters_of(layer).active = previous
         raise
     conditioner.transform._weightcond_attached = True
 
@@ -645,9 +662,9 @@ def attach_all(layer: nn.Module, update: LowRankUpdate | None, built: list[Condi
     ``initialize``), those attached before it are removed again and the layer is left as it
     was (its class, its tensors, its adapters and which one is active)."""
     was_conditioned = is_conditioned(layer)
-    was_present = was_conditioned and adapter_name in _adapters(layer).adapters
-    previous_active = _adapters(layer).active if was_conditioned else None
-    previous_update = _adapters(layer).adapters[adapter_name].update if was_present else None
+    was_present = was_conditioned and adapter_name in adapters_of(layer).adapters
+    previous_active = adapters_of(layer).active if was_conditioned else None
+    previous_update = adapters_of(layer).adapters[adapter_name].update if was_present else None
     attached: list[Conditioner] = []
     try:
         if update is not None:
@@ -663,7 +680,7 @@ def attach_all(layer: nn.Module, update: LowRankUpdate | None, built: list[Condi
         if not was_conditioned:
             _strip(layer)
             raise
-        adapters = _adapters(layer)
+        adapters = adapters_of(layer)
         if not was_present:
             if adapter_name in adapters.adapters:
                 del adapters.adapters[adapter_name]
@@ -732,7 +749,7 @@ def register_conditioning(layer: nn.Module, *, placement: str = "pre", side: str
     """
     where = "register_conditioning"
     check_adapter_name(where, adapter_name)
-    conditioner = _build_conditioner(layer, where, placement=placement,
+    conditioner = build_conditioner(layer, where, placement=placement,
                                      side=side, transform=transform,
                                      condition_bias=condition_bias, options=options)
     _attach_conditioner(layer, conditioner, adapter_name)
@@ -746,7 +763,7 @@ def conditioners(layer: nn.Module, adapter_name: str | None = None) -> list[Cond
     unconditioned layer or one without an active adapter."""
     if not is_conditioned(layer):
         return []
-    conditioning = _named(_adapters(layer), adapter_name, "conditioners")
+    conditioning = _named(adapters_of(layer), adapter_name, "conditioners")
     return [] if conditioning is None else conditioning.conditioners()
 
 
@@ -755,7 +772,7 @@ def get_update(layer: nn.Module, adapter_name: str | None = None) -> LowRankUpda
     ``None``."""
     if not is_conditioned(layer):
         return None
-    conditioning = _named(_adapters(layer), adapter_name, "get_update")
+    conditioning = _named(adapters_of(layer), adapter_name, "get_update")
     return None if conditioning is None else conditioning.update
 
 
@@ -763,12 +780,57 @@ def delta_weight(layer: nn.Module, adapter_name: str | None = None) -> Tensor:
     """The effective update :math:`W' - W` of the adapter ``adapter_name`` (``None``: the
     active one; zero when none is active) as a dense ``(out, in)`` matrix, in the layer
     kind's matrix view (the quantity whose singular-value entropy the paper studies)."""
-    adapters = _require_conditioned(layer, "delta_weight")
+    adapters = require_conditioned(layer, "delta_weight")
     conditioning = _named(adapters, adapter_name, "delta_weight")
-    base = _base_matrix(layer)
+    base = base_matrix(layer)
     if conditioning is None:
         return torch.zeros_like(base)
     return conditioning.dense_weight(base) - base
+
+
+def explain(layer: nn.Module, *, tokens: int, input_grad: bool = True,
+            adapter_name: str | None = None) -> Plan:
+    """How ``layer`` computes its output for ``tokens`` input vectors: the
+    :class:`~weightcond.engine.plan.Plan` of its adapter ``adapter_name`` (``None``: the active
+    one), with each conditioner's chosen form and the predicted cost of every form
+    (``print`` it). See Note (plan, then execute) in :mod:`weightcond.engine.plan`.
+
+    Args:
+        layer: a conditioned layer of a kind that runs matrix-free.
+        tokens: the number of input vectors (batch × sequence), at least 1.
+        input_grad: whether the input needs its gradient (a layer inside a model: ``True``;
+            the first adapted layer, or inference: ``False``).
+        adapter_name: the adapter to explain; ``None``: the active one.
+
+    Raises:
+        weightcond.StateError: the layer is not conditioned, has no such adapter active, or
+            runs dense (``Conv2d``).
+        weightcond.OptionError: ``tokens`` is not a positive int.
+
+    Example:
+        >>> import torch, weightcond as wc
+        >>> layer = torch.nn.Linear(1024, 1024)
+        >>> _ = wc.apply_preset(layer, "lora", rank=16)
+        >>> _ = wc.register_conditioning(layer, placement="post", side="right",
+        ...                              transform="householder", reflections=8)
+        >>> plan = wc.explain(layer, tokens=2048, input_grad=False)
+        >>> [form.value for form in plan.forms]
+        ['fold']
+    """
+    adapters = require_conditioned(layer, "explain")
+    tokens = check_int("explain", "tokens", tokens)
+    check_bool("explain", "input_grad", input_grad)
+    conditioning = _named(adapters, adapter_name, "explain")
+    if conditioning is None:
+        raise StateError("explain: argument 'layer' expected an active adapter (or "
+                         "adapter_name), got a layer with none active")
+    if not adapters.kind.matrix_free:
+        raise StateError(f"explain: argument 'layer' expected a layer that runs matrix-free, "
+                         f"got a {adapters.kind.name}, which runs on its dense conditioned "
+                         f"weight")
+    weight = base_matrix(layer)
+    indexed = adapters.kind.projection is not None
+    return plan(conditioning.layout(indexed), tokens, input_grad, weight.dtype)
 
 
 def conditioned_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -807,7 +869,7 @@ def switched(module: nn.Module, flag: str, value: bool, *, where: str = "switche
     require_module(module, where, "module")
     check_choice(where, "flag", flag, ("enabled", "dense"))
     previous = getattr(_SWITCHES, flag, None)
-    found = [_adapters(m) for _, m in conditioned_layers(module)]
+    found = [adapters_of(m) for _, m in conditioned_layers(module)]
     setattr(_SWITCHES, flag, {**(previous or {}), **dict.fromkeys(found, value)})
     try:
         yield
@@ -852,14 +914,14 @@ def _require_layers(module: nn.Module, where: str) -> list[nn.Module]:
 def _require_adapter(layers: list[nn.Module], adapter_name: str | None, where: str) -> None:
     if adapter_name is None:
         return
-    names = sorted({n for layer in layers for n in _adapters(layer).adapters})
+    names = sorted({n for layer in layers for n in adapters_of(layer).adapters})
     if adapter_name not in names:
         raise UnknownNameError(f"{where}: argument 'adapter_name' expected one of "
                                f"{', '.join(map(repr, names))}, got {adapter_name!r}")
 
 
 def _merge_layer(layer: nn.Module, adapter_name: str | None) -> None:
-    adapters = _adapters(layer)
+    adapters = adapters_of(layer)
     if adapter_name is None:
         conditioning = _named(adapters, None, "merge")
     else:  # a layer without the adapter keeps its base function (ModuleDict has no .get)
@@ -920,7 +982,7 @@ def remove_conditioning(module: nn.Module, *, adapter_name: str | None = None) -
     layers = _require_layers(module, "remove_conditioning")
     _require_adapter(layers, adapter_name, "remove_conditioning")
     for layer in layers:
-        adapters = _adapters(layer)
+        adapters = adapters_of(layer)
         if adapter_name is None or set(adapters.adapters) == {adapter_name}:
             _strip(layer)
         elif adapter_name in adapters.adapters:
@@ -935,6 +997,6 @@ def _drop_unused_bias(layer: nn.Module) -> None:
     """Remove the bias parametrization when no adapter left conditions the bias (the layer
     gets back its bias tensor and its ``state_dict`` key ``bias``)."""
     if parametrize.is_parametrized(layer, "bias") and not any(
-            c.condition_bias for a in _adapters(layer).adapters.values()
+            c.condition_bias for a in adapters_of(layer).adapters.values()
             for c in a.conditioners()):
         parametrize.remove_parametrizations(layer, "bias", leave_parametrized=False)

@@ -5,7 +5,7 @@ finds the target layers, applies a preset (or a :class:`~weightcond.Preset` of y
 each, freezes every base parameter and says what it did. Targets are matched as in PEFT's
 ``target_modules``: a list of names matches a module whose name is one of them or ends with
 ``"." + name``; a single string is a regular expression that must match the whole name;
-``"all-linear"`` takes every supported layer except the model's output head.
+``"all-linear"`` takes every supported layer except embeddings and the model's output head.
 
 Conditioning a transformers ``PreTrainedModel`` also guards its ``save_pretrained``
 (:func:`weightcond.model.guard_save_pretrained`): transformers would write the model's
@@ -43,7 +43,7 @@ from .errors import (
 )
 from .layer import (
     DEFAULT_ADAPTER,
-    _adapters,
+    adapters_of,
     check_adapter_name,
     conditioned_layers,
     is_conditioned,
@@ -53,7 +53,7 @@ from .layer import (
     switched,
 )
 from .presets import PRESETS, Preset, apply_preset
-from .reshape import LAYER_KINDS
+from .reshape import LAYER_KINDS, supported_kinds
 
 __all__ = [
     "ConditionReport",
@@ -106,8 +106,11 @@ def _model_modules(model: nn.Module) -> dict[str, nn.Module]:
             if n and "parametrizations" not in n.split(".")}
 
 
-def _supported(module: nn.Module) -> bool:
-    return any(kind.matches(module) for kind in LAYER_KINDS)
+def _supported(module: nn.Module, all_linear: bool = False) -> bool:
+    """Whether ``module`` is of a layer kind (one ``"all-linear"`` takes, with
+    ``all_linear``)."""
+    return any(kind.matches(module) and (kind.all_linear or not all_linear)
+               for kind in LAYER_KINDS.values())
 
 
 def _matches(pattern: str, name: str, *, suffix: bool) -> bool:
@@ -141,7 +144,7 @@ def _select(model: nn.Module, targets: Targets | None, where: str, argument: str
         if targets == ALL_LINEAR:
             heads = _head_names(model, {m: n for n, m in modules.items()})
             return {ALL_LINEAR: {n for n, m in modules.items()
-                                 if _supported(m) and n not in heads}}
+                                 if _supported(m, all_linear=True) and n not in heads}}
         try:
             re.compile(targets)
         except re.error as error:
@@ -180,7 +183,7 @@ def _resolve_targets(model: nn.Module, target_modules: Targets,
     names = sorted(set().union(*matched.values()) - excluded, key=list(modules).index)
     unsupported = [n for n in names if not _supported(modules[n])]
     if unsupported:
-        kinds = ", ".join(kind.name for kind in LAYER_KINDS)
+        kinds = supported_kinds()
         raise LayerTypeError(
             f"{where}: argument 'target_modules' expected layers of a supported type ({kinds}), "
             f"got {', '.join(f'{n!r} ({type(modules[n]).__name__})' for n in unsupported[:5])}")
@@ -190,7 +193,7 @@ def _resolve_targets(model: nn.Module, target_modules: Targets,
     return names
 
 
-def _activate(model: nn.Module, adapter_name: str) -> None:
+def activate(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` active on every conditioned layer (``None`` on a layer without
     it: that layer computes its base function) and the only trainable parameters, and guard
     a transformers model's ``save_pretrained`` (:func:`guard_save_pretrained`): the one path
@@ -198,7 +201,7 @@ def _activate(model: nn.Module, adapter_name: str) -> None:
     :func:`weightcond.from_peft`."""
     trainable = set()
     for _, layer in conditioned_layers(model):
-        adapters = _adapters(layer)
+        adapters = adapters_of(layer)
         adapters.active = adapter_name if adapter_name in adapters.adapters else None
         if adapter_name in adapters.adapters:
             trainable.update(id(p) for p in adapters.adapters[adapter_name].parameters())
@@ -287,13 +290,13 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
     plan = _plan(names, preset, {} if overrides is None else overrides, options, where)
     modules = _model_modules(model)
     taken = [n for n in names if is_conditioned(modules[n])
-             and adapter_name in _adapters(modules[n]).adapters]
+             and adapter_name in adapters_of(modules[n]).adapters]
     if taken:
         raise StateError(f"{where}: argument 'adapter_name' expected a new adapter, got "
                          f"{adapter_name!r}, which {taken[0]!r} already has; pick another name "
                          f"or call weightcond.remove_conditioning(model, "
                          f"adapter_name={adapter_name!r})")
-    before = {n: (_adapters(modules[n]).active if is_conditioned(modules[n]) else None)
+    before = {n: (adapters_of(modules[n]).active if is_conditioned(modules[n]) else None)
               for n in names}
     done: list[str] = []
     try:
@@ -306,11 +309,11 @@ def condition(model: nn.Module, preset: str | Preset, *, target_modules: Targets
         for name in done:  # put the model back as it was
             remove_conditioning(modules[name], adapter_name=adapter_name)
             if before[name] is not None:
-                _adapters(modules[name]).active = before[name]
+                adapters_of(modules[name]).active = before[name]
         if hasattr(error, "add_note"):
             error.add_note(f"while conditioning module {names[len(done)]!r}")
         raise
-    _activate(model, adapter_name)
+    activate(model, adapter_name)
     _batch_factors(model, batch_factors)
     trainable, total = _count(model)
     layers = {n: (p.name if isinstance(p, Preset) else p) for n, (p, _) in plan.items()}
@@ -355,7 +358,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters in ``model``'s conditioned layers, sorted."""
     require_module(model, "adapter_names", "model")
     return sorted({n for _, layer in conditioned_layers(model)
-                   for n in _adapters(layer).adapters})
+                   for n in adapters_of(layer).adapters})
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -379,7 +382,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise UnknownNameError(f"set_adapter: argument 'adapter_name' expected one of "
                                f"{', '.join(map(repr, names)) or '(no adapters)'}, "
                                f"got {adapter_name!r}")
-    _activate(model, adapter_name)
+    activate(model, adapter_name)
 
 
 @contextlib.contextmanager
@@ -592,7 +595,7 @@ def checkpoint_keys(model: nn.Module) -> list[str]:
     require_module(model, "checkpoint_keys", "model")
     wanted = {id(p) for p in model.parameters() if p.requires_grad}
     for _, layer in conditioned_layers(model):
-        adapters = _adapters(layer)
+        adapters = adapters_of(layer)
         wanted.update(id(t) for t in (*adapters.parameters(), *adapters.buffers()))
     return [k for k, v in model.state_dict(keep_vars=True).items() if id(v) in wanted]
 

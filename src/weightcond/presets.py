@@ -18,9 +18,9 @@ from torch import nn
 from .errors import UnknownNameError, check_bool
 from .layer import (
     DEFAULT_ADAPTER,
-    _build_conditioner,
-    _build_update,
     attach_all,
+    build_conditioner,
+    build_update,
     check_adapter_name,
 )
 from .placement import Conditioner
@@ -253,10 +253,10 @@ def apply_preset(layer: nn.Module, name: str | Preset, *, adapter_name: str = DE
     values = {**accepted, **options}
     condition_bias = check_bool(where, "condition_bias", values.get("condition_bias", False))
     # build (and so validate) everything before the layer is touched
-    update = (_build_update(layer, where, rank=values["rank"], alpha=values["alpha"],
+    update = (build_update(layer, where, rank=values["rank"], alpha=values["alpha"],
                             adapter_name=adapter_name) if preset.update else None)
     built = [
-        _build_conditioner(layer, where, placement=spec.placement, side=spec.side,
+        build_conditioner(layer, where, placement=spec.placement, side=spec.side,
                            transform=spec.transform,
                            condition_bias=condition_bias and spec.side == "left",
                            options={k: _resolve(v, values) for k, v in spec.options.items()})

@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .version import __version__
+
 __all__ = ["PeakMemory", "machine", "step_peak_bytes"]
 
 
@@ -70,8 +72,6 @@ def step_peak_bytes(step: Callable[[], None]) -> int:
 def machine(device: str) -> dict[str, Any]:
     """Where and with what a measurement ran: date, platform, CPU count, torch threads,
     Python, torch and weightcond versions, the device (and the GPU's name on CUDA)."""
-    from . import __version__
-
     record: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(), "machine": platform.machine(),

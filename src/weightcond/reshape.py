@@ -1,19 +1,39 @@
-"""The one boundary that views a layer's weight as an ``(out, in)`` matrix.
+r"""The one boundary that views a layer's weight as an ``(out, in)`` matrix: the layer kinds.
 
 Every other module works with ``(out, in)`` matrices and activations whose last dimension
-is ``in``. A layer type is supported by adding one entry to
-:data:`~weightcond.reshape.LAYER_KINDS`:
+is ``in``. A layer type is supported by registering one :class:`LayerKind` with
+:func:`register_layer_kind`; :data:`LAYER_KINDS` lists them, tried in order:
 
 * :class:`torch.nn.Linear` — the weight is ``(out, in)``;
 * ``transformers.pytorch_utils.Conv1D`` (GPT-2 family) — the weight is stored transposed,
   ``(in, out)``, and the layer computes ``x @ weight + bias``;
 * :class:`torch.nn.Conv2d` — the weight ``(out, in/groups, kh, kw)`` is viewed as
-  ``(out, in/groups · kh · kw)``, the matrix of the convolution's im2col form.
+  ``(out, in/groups · kh · kw)``, the matrix of the convolution's im2col form;
+* :class:`torch.nn.Embedding` — the table ``(num_embeddings, embedding_dim)`` is the
+  transposed ``(out, in) = (embedding_dim, num_embeddings)`` matrix of the linear map that
+  takes a one-hot vector to its embedding, as PEFT's LoRA and DoRA read it (the update
+  :math:`s\,BA` has :math:`B` ``(embedding_dim, r)`` and :math:`A` ``(r, num_embeddings)``).
 
 Decision (Conv2d runs dense): the matrix-free activation form needs the layer to act along
 the last dimension of its input. A convolution does not (its right-side conditioners act
 on unfolded patches), so a conditioned ``Conv2d`` convolves with the dense conditioned
-weight, as a parametrized layer does. ``Linear`` and ``Conv1D`` run matrix-free.
+weight, as a parametrized layer does. ``Linear``, ``Conv1D`` and ``Embedding`` run
+matrix-free.
+
+Decision (Embedding's input is indices): an embedding's input is a tensor of indices, the
+one-hot vectors of the ``(out, in)`` view never exist. Its kind gives the executor a
+*projection* in place of ``x Lᵀ`` — the rows ``L[:, i]`` gathered with
+:func:`torch.nn.functional.embedding` — for the frozen lookup and for every low-rank term,
+so the update and thin right-side conditioners (``skew``, ``householder``, folded as
+:math:`W R = W + (WU)V^\top`) run without forming the table; left-side conditioners act on
+the looked-up vectors as on any layer's output. A right-side conditioner that would have to
+rotate the one-hot vectors themselves (``block``, ``givens``, ``diag`` on the vocabulary...)
+is refused at registration. An embedding's ``padding_idx`` acts as in PEFT: the update's
+column at the padding index gets no gradient (its lookup passes ``padding_idx``), while
+conditioners act on the padding vector as on any other and take gradient from it; the dense
+form (:func:`weightcond.dense_forward`) looks up the conditioned table with ``padding_idx``,
+which zeroes every gradient through that row, so the two forms' gradients differ only
+through padding tokens.
 """
 
 from __future__ import annotations
@@ -26,8 +46,9 @@ import torch.nn.functional as F
 from torch import Size, Tensor, nn
 
 from .errors import LayerTypeError
+from .registry import Registry
 
-__all__ = ["LAYER_KINDS", "LayerKind", "layer_kind"]
+__all__ = ["LAYER_KINDS", "LayerKind", "layer_kind", "register_layer_kind", "supported_kinds"]
 
 
 def _is_transformers_conv1d(layer: object) -> bool:
@@ -42,6 +63,7 @@ class LayerKind:
 
     Attributes:
         name: the type's name in messages and saved configurations.
+        description: the type as the supported-types message names it.
         matches: whether a module is of this kind.
         to_matrix: the stored weight → its ``(out, in)`` view (no copy).
         from_matrix: an ``(out, in)`` matrix → the stored layout, given the stored shape.
@@ -50,6 +72,13 @@ class LayerKind:
             ``x Wᵀ + b`` (then the matrix-free activation form applies).
         kernel: the number of trailing kernel dimensions of the stored weight (PEFT stores
             a convolution's LoRA factors as ``(r, in, *kernel)`` and ``(out, r, 1, …)``).
+        bias: the layer's bias (``None`` for none; the default reads ``layer.bias``).
+        projection: for a layer whose input is not the vectors of the ``(out, in)`` view,
+            ``projection(layer)`` returns ``project(x, L) = x Lᵀ`` for an ``(m, in)`` matrix
+            ``L`` on its input ``x`` (Decision (Embedding's input is indices)); ``None``: the
+            input is those vectors.
+        all_linear: whether ``target_modules="all-linear"`` takes layers of this kind (as
+            PEFT's, which leaves embeddings alone).
     """
 
     name: str
@@ -59,6 +88,10 @@ class LayerKind:
     compute: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]
     matrix_free: bool
     kernel: int = 0
+    description: str = ""
+    bias: Callable[[nn.Module], Tensor | None] = lambda layer: getattr(layer, "bias", None)
+    projection: Callable[[nn.Module], Callable[[Tensor, Tensor], Tensor]] | None = None
+    all_linear: bool = True
 
     def shape(self, layer: nn.Module) -> tuple[int, int]:
         """``(out, in)`` of the layer's weight matrix."""
@@ -73,31 +106,73 @@ def _stored_weight(layer: nn.Module) -> Tensor:
     return layer.weight  # type: ignore[no-any-return]
 
 
-#: The supported layer types, tried in order.
-LAYER_KINDS: tuple[LayerKind, ...] = (
+#: The supported layer types by name, tried in registration order (:func:`register_layer_kind`).
+LAYER_KINDS: Registry[LayerKind] = Registry("layer kind")
+
+
+def register_layer_kind(kind: LayerKind) -> LayerKind:
+    """Support a layer type: ``kind`` is tried after the kinds registered before it.
+
+    Raises:
+        weightcond.OptionError: a kind of this name is registered already.
+    """
+    if not isinstance(kind, LayerKind):
+        raise LayerTypeError(f"register_layer_kind: argument 'kind' expected a LayerKind, got "
+                             f"{type(kind).__name__}")
+    LAYER_KINDS.add(kind.name, kind)
+    return kind
+
+
+def supported_kinds() -> str:
+    """The supported layer types, as messages name them."""
+    return ", ".join(kind.description or kind.name for kind in LAYER_KINDS.values())
+
+
+def _embedding_compute(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None
+                       ) -> Tensor:
+    return F.embedding(x, weight, layer.padding_idx, layer.max_norm,  # type: ignore[arg-type]
+                       layer.norm_type, layer.scale_grad_by_freq,  # type: ignore[arg-type]
+                       layer.sparse)  # type: ignore[arg-type]
+
+
+def _embedding_projection(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    padding_idx = layer.padding_idx
+
+    def project(x: Tensor, rows: Tensor) -> Tensor:  # rows (m, num): the columns rows[:, x]
+        return F.embedding(x, rows.mT, padding_idx)
+    return project
+
+
+for _kind in (
     LayerKind(
-        name="Linear", matches=lambda m: isinstance(m, nn.Linear),
+        name="Linear", description="torch.nn.Linear", matches=lambda m: isinstance(m, nn.Linear),
         to_matrix=lambda w: w, from_matrix=lambda m, shape: m,
         compute=lambda layer, x, w, b: F.linear(x, w, b), matrix_free=True),
     LayerKind(
-        name="Conv1D", matches=_is_transformers_conv1d,
+        name="Conv1D", description="transformers' Conv1D (GPT-2)",
+        matches=_is_transformers_conv1d,
         to_matrix=lambda w: w.mT, from_matrix=lambda m, shape: m.mT,
         compute=lambda layer, x, w, b: F.linear(x, w.mT, b), matrix_free=True),
     LayerKind(
-        name="Conv2d", matches=lambda m: isinstance(m, nn.Conv2d),
+        name="Conv2d", description="torch.nn.Conv2d", matches=lambda m: isinstance(m, nn.Conv2d),
         to_matrix=lambda w: w.flatten(1), from_matrix=lambda m, shape: m.reshape(shape),
         compute=lambda layer, x, w, b: layer._conv_forward(x, w, b),  # type: ignore[operator]
         matrix_free=False, kernel=2),
-)
-
-_SUPPORTED = "torch.nn.Linear, transformers' Conv1D (GPT-2), torch.nn.Conv2d"
+    LayerKind(
+        name="Embedding", description="torch.nn.Embedding",
+        matches=lambda m: isinstance(m, nn.Embedding),
+        to_matrix=lambda w: w.mT, from_matrix=lambda m, shape: m.mT,
+        compute=_embedding_compute, matrix_free=True, bias=lambda layer: None,
+        projection=_embedding_projection, all_linear=False),
+):
+    register_layer_kind(_kind)
 
 
 def layer_kind(layer: object, where: str) -> LayerKind:
     """The :class:`LayerKind` of ``layer``; a :class:`~weightcond.LayerTypeError` names the
     supported ones."""
-    for kind in LAYER_KINDS:
+    for kind in LAYER_KINDS.values():
         if kind.matches(layer):
             return kind
-    raise LayerTypeError(
-        f"{where}: argument 'layer' expected one of ({_SUPPORTED}), got {type(layer).__name__}")
+    raise LayerTypeError(f"{where}: argument 'layer' expected one of ({supported_kinds()}), got "
+                         f"{type(layer).__name__}")

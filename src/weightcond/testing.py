@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .engine.plan import every_plan
 from .layer import (
+    adapters_of,
     dense_forward,
     is_conditioned,
     merge,
@@ -159,16 +161,35 @@ def _orthogonal(cls: type[Transform], options: dict[str, Any], sizes: Sizes) -> 
 
 
 def _matrix_free(cls: type[Transform], options: dict[str, Any], sizes: Sizes) -> None:
+    """The layer's forward, and every form the planner can give the transform (each correct
+    plan, whatever its cost: :func:`weightcond.engine.plan.every_plan`), against the dense
+    weight's: outputs and gradients, with and without the input's gradient."""
     x = torch.randn(2, 3, sizes[1], dtype=torch.float64)
     for placement, side in _cells():
         layer = _conditioned(cls, options, sizes, placement, side)
         y, grads = _forward_backward(layer, x)
         with dense_forward(layer):
             y_dense, grads_dense = _forward_backward(layer, x)
-        _close(y, y_dense, f"{placement}/{side}: matrix-free output against the dense weight's")
+        where = f"{placement}/{side}"
+        _close(y, y_dense, f"{where}: matrix-free output against the dense weight's")
         for i, (g, gd) in enumerate(zip(grads, grads_dense, strict=True)):
-            _close(g, gd, f"{placement}/{side}: gradient {i} (0: the input; then the "
-                          f"trainable parameters) against the dense weight's")
+            _close(g, gd, f"{where}: gradient {i} (0: the input; then the trainable "
+                          f"parameters) against the dense weight's")
+        conditioning = adapters_of(layer).current()
+        weight, bias = layer.parametrizations.weight.original, layer.bias
+        params = [p for p in layer.parameters() if p.requires_grad]
+        for input_grad in (False, True):
+            h = x.clone().requires_grad_(input_grad)
+            inputs = [h, *params] if input_grad else params
+            for plan in every_plan(conditioning.layout(), 6, input_grad, torch.float64):
+                forms = "+".join(f.value for f in plan.forms)
+                got = conditioning.activation(h, weight, bias, plan=plan)
+                _close(got.detach(), y_dense, f"{where}, forms {forms}: output")
+                found = torch.autograd.grad(got.square().sum(), inputs, allow_unused=True)
+                expected = grads_dense if input_grad else grads_dense[1:]
+                for i, (g, gd) in enumerate(zip(found, expected, strict=True)):
+                    _close(torch.zeros(()) if g is None else g, gd,
+                           f"{where}, forms {forms}, input_grad={input_grad}: gradient {i}")
 
 
 def _no_grad_bits(cls: type[Transform], options: dict[str, Any], sizes: Sizes) -> None:

@@ -67,8 +67,7 @@ from ..io import (
     FORMAT,
     PEFT_CONFIG_NAME,
     PEFT_TENSORS_NAME,
-    _adapter_layers,
-    _write_atomically,
+    adapter_layers,
     brief,
     cast_finite,
     check_modules_to_save,
@@ -79,10 +78,11 @@ from ..io import (
     is_int,
     read_json,
     read_tensors,
+    write_atomically,
 )
 from ..layer import (
     DEFAULT_ADAPTER,
-    _adapters,
+    adapters_of,
     check_adapter_name,
     conditioned_layers,
     is_conditioned,
@@ -197,8 +197,8 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
                                f"{sorted(_OPTIONS[method])}")
     _check_options(config, where)
     check_adapter_name(where, adapter_name)
-    previous = _adapters(layer).active if is_conditioned(layer) else None
-    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
+    previous = adapters_of(layer).active if is_conditioned(layer) else None
+    if is_conditioned(layer) and adapter_name in adapters_of(layer).adapters:
         raise StateError(f"{where}: argument 'layer' expected a layer without an adapter "
                          f"{adapter_name!r}, got one that has it")
     given = _take(tensors, method)
@@ -211,10 +211,10 @@ def from_peft_tensors(layer: nn.Module, method: str, tensors: Mapping[str, Tenso
 
 def _undo(layer: nn.Module, adapter_name: str, previous: str | None) -> None:
     """Remove the adapter ``adapter_name`` from ``layer`` and reactivate ``previous``."""
-    if is_conditioned(layer) and adapter_name in _adapters(layer).adapters:
+    if is_conditioned(layer) and adapter_name in adapters_of(layer).adapters:
         _remove(layer, adapter_name=adapter_name)
         if previous is not None:
-            _adapters(layer).active = previous
+            adapters_of(layer).active = previous
 
 
 def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[str, Any],
@@ -260,6 +260,8 @@ def _load(layer: nn.Module, method: str, given: dict[str, Tensor], config: dict[
 _PREFIX = "base_model.model."
 _SUFFIXES = {  # PEFT's saved tensor names (without the adapter name) → ours
     "lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+    # an Embedding's, (r, num_embeddings) and (embedding_dim, r): our A and B as they are
+    "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B",
     "lora_magnitude_vector": "lora_magnitude_vector",
     "lora_magnitude_vector.weight": "lora_magnitude_vector",
     "oft_R.weight": "oft_R", "oft_R": "oft_R", "hra_u": "hra_u",
@@ -508,7 +510,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
             or not finite, wrong shapes; the model is left as it was.
         weightcond.LayerTypeError: ``model`` is not a module.
     """
-    from ..model import _activate
+    from ..model import activate
 
     where = "from_peft"
     require_module(model, where, "model")
@@ -534,7 +536,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
             if method in ("lora", "dora"):
                 _check_rank(config, name, given, where)
             rank = given["lora_A"].shape[0] if "lora_A" in given and given["lora_A"].ndim else 0
-            previous = _adapters(layer).active if is_conditioned(layer) else None
+            previous = adapters_of(layer).active if is_conditioned(layer) else None
             try:
                 from_peft_tensors(layer, method, given, adapter_name=adapter_name,
                                   **_layer_options(method, config, name, rank))
@@ -554,7 +556,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike[str], *,
         for layer, previous in done:
             _undo(layer, adapter_name, previous)
         raise
-    _activate(model, adapter_name)
+    activate(model, adapter_name)
     for target, _ in saved.values():  # trained in PEFT, and trainable there
         if isinstance(target, nn.Parameter):
             target.requires_grad_(True)
@@ -620,7 +622,7 @@ def _refuse(name: str, why: str, where: str) -> AdapterError:
 
 def _export_lora(name: str, layer: nn.Module, c: Conditioning, method: str, where: str
                  ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    kind = _adapters(layer).kind
+    kind = adapters_of(layer).kind
     if getattr(layer, "groups", 1) != 1:
         raise AdapterError(f"{where}: layer {name!r} is a grouped convolution, which "
                            f"PEFT's LoRA does not support")
@@ -628,8 +630,11 @@ def _export_lora(name: str, layer: nn.Module, c: Conditioning, method: str, wher
     update = c.update
     ones = (1,) * kind.kernel
     kernel = tuple(stored[2:]) if kind.kernel else ()
-    tensors = {"lora_A.weight": update.A.detach().reshape(update.rank, -1, *kernel),
-               "lora_B.weight": update.B.detach().reshape(-1, update.rank, *ones)}
+    if kind.name == "Embedding":  # PEFT's Embedding keeps its factors as plain parameters
+        tensors = {"lora_embedding_A": update.A.detach(), "lora_embedding_B": update.B.detach()}
+    else:
+        tensors = {"lora_A.weight": update.A.detach().reshape(update.rank, -1, *kernel),
+                   "lora_B.weight": update.B.detach().reshape(-1, update.rank, *ones)}
     if method == "dora":
         magnitude = c.conditioners()[0].transform.magnitude.detach()
         tensors["lora_magnitude_vector"] = (magnitude.reshape(1, -1, *ones) if kind.kernel
@@ -849,7 +854,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
     where = "to_peft"
     require_module(model, where, "model")
     target = check_path(where, path)
-    _, found = _adapter_layers(model, adapter_name, where)
+    _, found = adapter_layers(model, adapter_name, where)
     saved = _check_modules_to_save(model, modules_to_save,
                                    [n for n, _ in conditioned_layers(model)], where)
     methods = {name: _export_method(name, c, where) for name, _, c in found}
@@ -862,10 +867,10 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
     tensors: dict[str, Tensor] = {}
     options: dict[str, dict[str, Any]] = {}
     for name, layer, c in found:
-        if method not in ("lora", "dora") and _adapters(layer).kind.name != "Linear":
+        if method not in ("lora", "dora") and adapters_of(layer).kind.name != "Linear":
             raise _refuse(name, f"only Linear layers export to PEFT's {_PEFT_TYPES[method]} "
                                 f"(its convolution form is another function, and it has no "
-                                f"Conv1D form), got a {_adapters(layer).kind.name}", where)
+                                f"Conv1D form), got a {adapters_of(layer).kind.name}", where)
         layer_tensors, options[name] = _EXPORTERS[method](name, layer, c, method, where)
         tensors.update({f"{_PREFIX}{name}.{k}": v for k, v in layer_tensors.items()})
     for module in saved:
@@ -884,6 +889,6 @@ def to_peft(model: nn.Module, path: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _write_atomically(target, config, tensors, save_file, where,
+    write_atomically(target, config, tensors, save_file, where,
                       names=(PEFT_CONFIG_NAME, PEFT_TENSORS_NAME))
     return target

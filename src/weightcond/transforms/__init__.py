@@ -7,30 +7,18 @@ tests, the presets and the docs find it through :data:`TRANSFORMS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ..registry import Registry
-from .base import Transform, compute_dtype, diagonal_limit, limit_diagonal
+from .base import (
+    TRANSFORMS,
+    Transform,
+    compute_dtype,
+    diagonal_limit,
+    limit_diagonal,
+    register_transform,
+)
 
 __all__ = ["TRANSFORMS", "Block", "Butterfly", "Diag", "Givens", "Householder", "Magnitude",
            "Orthogonal", "Skew", "Transform", "compute_dtype", "diagonal_limit", "limit_diagonal",
            "register_transform"]
-
-TRANSFORMS: Registry[type[Transform]] = Registry("transform")
-
-
-def register_transform(name: str) -> Callable[[type[Transform]], type[Transform]]:
-    """Class decorator: register a :class:`Transform` subclass under ``name``."""
-
-    def decorate(cls: type[Transform]) -> type[Transform]:
-        if not (isinstance(cls, type) and issubclass(cls, Transform)):
-            raise TypeError(f"register_transform: expected a Transform subclass, got {cls!r}")
-        TRANSFORMS.add(name, cls)
-        cls.name = name
-        return cls
-
-    return decorate
-
 
 from .block import Block
 from .butterfly import Butterfly

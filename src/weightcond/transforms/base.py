@@ -20,18 +20,18 @@ the result back; see :func:`compute_dtype`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import batching
 from ..errors import ShapeError, StateError
+from ..registry import Registry
 
-__all__ = ["Transform", "compute_dtype", "diagonal_limit", "limit_diagonal", "require_plane",
-           "thin_update"]
+__all__ = ["TRANSFORMS", "Transform", "compute_dtype", "diagonal_limit", "limit_diagonal",
+           "register_transform", "require_plane", "thin_update"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,10 +109,21 @@ class Transform(nn.Module):
         name: the registry name (set by :func:`weightcond.transforms.register_transform`).
         norm_tied: ``True`` for diagonal transforms whose entries depend on the norms of
             the matrix they condition (see :class:`~weightcond.transforms.Magnitude`).
+        example_options: the options the benchmarks and the docs' examples build the
+            transform with (empty: its defaults).
+        symbol: the LaTeX symbol of its matrix in the docs' table of cells.
+        cost_per_token: its matrix-free cost per token in that table, LaTeX, ``{n}``
+            standing for the side dimension.
+        published: the published method each ``(side, placement)`` cell is, if any.
     """
 
     name: ClassVar[str] = ""
     norm_tied: ClassVar[bool] = False
+    #: options the benchmarks and docs examples use
+    example_options: ClassVar[dict[str, object]] = {}
+    symbol: ClassVar[str] = "Q"
+    cost_per_token: ClassVar[str] = r"O({n}^2)"
+    published: ClassVar[dict[tuple[str, str], str]] = {}
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -185,6 +196,34 @@ class Transform(nn.Module):
         """``True`` when :math:`Q` is diagonal (then :meth:`diagonal` gives its entries)."""
         return self.norm_tied
 
+    # -- what the layer's planner reads (Note (plan, then execute) in weightcond.engine) ----
+    @property
+    def low_rank_size(self) -> int | None:
+        """The number of columns ``m`` of the :meth:`low_rank` factors, or ``None`` for a
+        transform without a low-rank form. A function of the options alone.
+
+        The default calls :meth:`low_rank` once (without gradients) when a subclass overrides
+        it; a subclass that knows ``m`` from its options overrides this property instead."""
+        if type(self).low_rank is Transform.low_rank or self.norm_tied:
+            return None
+        size = self.__dict__.get("_low_rank_size")
+        if size is None:
+            with torch.no_grad():
+                factors = self.low_rank()
+            size = -1 if factors is None else int(factors[0].shape[-1])
+            self.__dict__["_low_rank_size"] = size
+        return None if size < 0 else size
+
+    @property
+    def apply_flops(self) -> int:
+        """Floating-point operations of :meth:`apply` per vector (the planner's cost model):
+        ``n`` for a diagonal, ``4·n·m`` for ``I + U Vᵀ``, ``2·n²`` for a dense matrix (the
+        default); a structured transform states its own."""
+        if self.is_diagonal:
+            return self.dim
+        m = self.low_rank_size
+        return 4 * self.dim * m if m is not None else 2 * self.dim * self.dim
+
     # -- the two views of the matrix ------------------------------------------------------
     def matrix(self) -> Tensor:
         """The dense matrix :math:`Q`, shape ``(n, n)``."""
@@ -235,7 +274,7 @@ class Transform(nn.Module):
 
         In row form this is ``h @ Q.mT`` (or ``h @ Q``).
         """
-        factors = batching.low_rank(self)
+        factors = self.low_rank()
         if factors is not None:
             u, v = factors[::-1] if transpose else factors
             return thin_update(h, v.mT, u.mT)  # rows: h Qᵀ = h + (h V) Uᵀ
@@ -267,3 +306,20 @@ class Transform(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+#: Every registered transform by name (re-exported as :data:`weightcond.TRANSFORMS`).
+TRANSFORMS: Registry[type[Transform]] = Registry("transform")
+
+
+def register_transform(name: str) -> Callable[[type[Transform]], type[Transform]]:
+    """Class decorator: register a :class:`Transform` subclass under ``name``."""
+
+    def decorate(cls: type[Transform]) -> type[Transform]:
+        if not (isinstance(cls, type) and issubclass(cls, Transform)):
+            raise TypeError(f"register_transform: expected a Transform subclass, got {cls!r}")
+        TRANSFORMS.add(name, cls)
+        cls.name = name
+        return cls
+
+    return decorate

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError, ShapeError, check_bool, check_int
-from . import register_transform
-from .base import Transform, compute_dtype, require_plane
+from .base import Transform, compute_dtype, register_transform, require_plane
 from .maps import EXACT_MAPS, cayley_neumann, resolve_dense_map
 
 
@@ -178,6 +178,15 @@ class Block(Transform):
         full: store full ``b × b`` blocks :math:`D_i`. Default ``False``.
     """
 
+    example_options: ClassVar[dict[str, object]] = {"block_size": 32}
+
+    symbol: ClassVar[str] = r"Q_B"
+    cost_per_token: ClassVar[str] = r"O({n}\,b)"
+    published: ClassVar[dict[tuple[str, str], str]] = {
+        ("right", "pre"): "OFT (without an update)",
+        ("right", "post"): "OFT (without an update)",
+    }
+
     def __init__(self, dim: int, *, block_size: int | None = None,
                  map: str | Callable[[Tensor], Tensor] = "cayley", share: bool = False,
                  terms: int = 5, scale: float = 1.0, full: bool = False) -> None:
@@ -214,6 +223,10 @@ class Block(Transform):
 
     def apply(self, h: Tensor, *, transpose: bool = False) -> Tensor:
         return rotate_blocks(h, self.blocks(), transpose=transpose)
+
+    @property
+    def apply_flops(self) -> int:
+        return 2 * self.dim * self.block_size
 
     @property
     def fuses_linear(self) -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from . import register_transform
-from .base import Transform
+from .base import Transform, register_transform
 
 
 @register_transform("diag")
@@ -30,6 +31,12 @@ class Diag(Transform):
         >>> tuple(cal.transform.scale.shape)
         (4,)
     """
+
+    symbol: ClassVar[str] = r"\operatorname{diag}(d)"
+    cost_per_token: ClassVar[str] = r"{n}"
+    published: ClassVar[dict[tuple[str, str], str]] = {
+        ("left", "pre"): "Pre-Diag; SORA's calibration",
+    }
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)

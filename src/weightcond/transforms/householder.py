@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError, check_bool, check_int
-from . import register_transform
-from .base import Transform, compute_dtype, require_plane
+from .base import Transform, compute_dtype, register_transform, require_plane
 
 
 @register_transform("householder")
@@ -38,6 +39,15 @@ class Householder(Transform):
             number ``<= n``).
         gram_schmidt: orthonormalise the vectors first (see above). Default ``False``.
     """
+
+    example_options: ClassVar[dict[str, object]] = {"reflections": 8}
+
+    symbol: ClassVar[str] = r"H_1 \cdots H_k"
+    cost_per_token: ClassVar[str] = r"O({n}\,k)"
+    published: ClassVar[dict[tuple[str, str], str]] = {
+        ("right", "pre"): "HRA (without an update)",
+        ("right", "post"): "HRA (without an update)",
+    }
 
     def __init__(self, dim: int, *, reflections: int | None = None,
                  gram_schmidt: bool = False) -> None:
@@ -77,6 +87,10 @@ class Householder(Transform):
         index = torch.arange(self.reflections, device=u.device)
         t_inv = torch.where(index[:, None] < index, v.mT @ v, 0.0) + eye / 2
         return v, torch.linalg.solve_triangular(t_inv, eye, upper=True)
+
+    @property
+    def low_rank_size(self) -> int:
+        return self.reflections
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
         v, t = self.wy()

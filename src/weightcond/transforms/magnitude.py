@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import check_bool, check_positive
-from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, register_transform
 
 
 @register_transform("magnitude")
@@ -41,6 +42,10 @@ class Magnitude(Transform):
     """
 
     norm_tied = True
+
+    symbol: ClassVar[str] = r"\operatorname{diag}(m \oslash \|X\|)"
+    cost_per_token: ClassVar[str] = r"{n}\ (+\text{ norms of } X)"
+    published: ClassVar[dict[tuple[str, str], str]] = {("left", "post"): "DoRA"}
 
     def __init__(self, dim: int, *, detach_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__(dim)

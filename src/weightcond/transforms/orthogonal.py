@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import geotorch
 import torch
 from torch import Tensor, nn
 
-from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, register_transform
 from .maps import EXACT_MAPS, resolve_dense_map
 
 
@@ -32,6 +32,9 @@ class Orthogonal(Transform):
         dim: the side dimension ``n``.
         map: ``"cayley"``, ``"exp"``, ``"first_order"`` or a callable. Default ``"cayley"``.
     """
+
+    symbol: ClassVar[str] = r"Q"
+    cost_per_token: ClassVar[str] = r"O({n}^2)"
 
     def __init__(self, dim: int, *, map: str | Callable[[Tensor], Tensor] = "cayley") -> None:
         super().__init__(dim)

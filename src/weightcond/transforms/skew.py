@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import check_bool, check_choice, check_int
-from . import register_transform
-from .base import Transform, compute_dtype
+from .base import Transform, compute_dtype, register_transform
 from .maps import DENSE_MAPS, EXACT_MAPS, MAP_NAMES, lowrank_core
 
 
@@ -56,6 +55,12 @@ class Skew(Transform):
         True
     """
 
+    example_options: ClassVar[dict[str, object]] = {"rank": 4}
+
+    symbol: ClassVar[str] = r"Q_S"
+    cost_per_token: ClassVar[str] = r"O({n}\,k)"
+    published: ClassVar[dict[tuple[str, str], str]] = {("left", "post"): "SORA's rotation"}
+
     def __init__(self, dim: int, *, rank: int | None = None, map: str = "cayley",
                  temperature: bool = False) -> None:
         super().__init__(dim)
@@ -92,6 +97,10 @@ class Skew(Transform):
         """
         p, core = _factors(self.C[None], self.D[None], self._j, self.map, self.temperature)
         return p[0], core[0]
+
+    @property
+    def low_rank_size(self) -> int:
+        return 2 * self.rank if 2 * self.rank < self.dim else self.dim
 
     def batch_key(self) -> tuple[object, ...] | None:
         if 2 * self.rank >= self.dim:
