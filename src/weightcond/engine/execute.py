@@ -391,7 +391,8 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
         h = rows
         for c, d in reversed(all_right_pre):
             h = on_activations(c, h, d)
-        y = F.linear(h.to(original_weight.dtype), original_weight).to(rows.dtype)
+        # contiguous rows: a transposed view makes the backward a slow GEMM (Note (thin GEMMs))
+        y = F.linear(h.to(original_weight.dtype).contiguous(), original_weight).to(rows.dtype)
         for (c, d), _ in left_pre:
             y = on_activations(c, y, d)
         for term in update:
