@@ -55,6 +55,24 @@ class Wrap(nn.Module):
         return self.proj(x)
 
 
+def training_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor
+                  ) -> tuple[Callable[[], None], int]:
+    """A full training step of ``model`` on ``x`` (forward, backward of ``grad``, AdamW step
+    on its trainable parameters) and the number of those parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+
+    def step() -> None:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        x.grad = None
+        model(x).backward(grad)
+        if opt is not None:
+            opt.step()
+
+    return step, sum(p.numel() for p in params)
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

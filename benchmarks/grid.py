@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, Wrap, interleaved_medians, spec_label, synchronize
+from common import (
+    Settings,
+    Wrap,
+    interleaved_medians,
+    spec_label,
+    synchronize,
+    training_step,
+)
 
 import weightcond as wc
 from weightcond.errors import WeightcondError
@@ -215,22 +222,10 @@ def _build(builder: Callable, out_f: int, in_f: int, s: Settings, x: torch.Tenso
     torch.manual_seed(0)
     layer = nn.Linear(in_f, out_f, device=s.device, dtype=s.torch_dtype).requires_grad_(False)
     model, floor = builder(layer, s)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-    forward_only = isinstance(model, _ForwardOnly)
-
-    def step() -> None:
-        if forward_only:
-            model(x)
-            return
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        x.grad = None
-        model(x).backward(grad)
-        if opt is not None:
-            opt.step()
-
-    return step, sum(p.numel() for p in params), floor
+    if isinstance(model, _ForwardOnly):
+        return (lambda: model(x)), 0, floor
+    step, trainable = training_step(model, x, grad)
+    return step, trainable, floor
 
 
 def repeats_for(s: Settings, out_f: int, in_f: int) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Settings, Wrap, interleaved_medians
+from common import Settings, Wrap, interleaved_medians, training_step
 
 import weightcond as wc
 from weightcond.profiling import step_peak_bytes
@@ -137,22 +137,10 @@ def build(name: str, out_features: int, in_features: int, s: Settings):
     layer = nn.Linear(in_features, out_features, device=s.device, dtype=s.torch_dtype)
     layer.requires_grad_(False)
     model = CANDIDATES[name][0](Wrap(layer), s)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     x = torch.randn(s.tokens, in_features, device=s.device, dtype=s.torch_dtype,
                     requires_grad=name in INPUT_GRAD)
     grad = torch.randn(s.tokens, out_features, device=s.device, dtype=s.torch_dtype)
-    trainable = sum(p.numel() for p in params)
-
-    def step() -> None:
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        x.grad = None
-        model(x).backward(grad)
-        if opt is not None:
-            opt.step()
-
-    return step, trainable
+    return training_step(model, x, grad)
 
 
 def run(s: Settings, shapes: list[tuple[int, int]], log: Callable[[str], None]) -> dict:

@@ -314,6 +314,16 @@ def _factors(c: Placed) -> tuple[Tensor, Tensor]:
     return pair
 
 
+def _split(items: list[Item], forms: Sequence[Form]
+           ) -> tuple[list[Item], list[tuple[Item, Form]], Form | None]:
+    """One stage's right chain, its left conditioners with their forms, and the right chain's
+    form (its members share it; ``None`` without a right chain)."""
+    right = [it for it in items if not it[0].is_left]
+    left = [(it, f) for it, f in zip(items, forms) if it[0].is_left]
+    form = next((f for it, f in zip(items, forms) if not it[0].is_left), None)
+    return right, left, form
+
+
 def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | None,
             diags: Sequence[Tensor | None], project: Project | None = None) -> Tensor:
     """The layer's output for input ``x`` (last dimension ``in``) as ``plan`` says: ``weight``
@@ -322,18 +332,10 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
     others; :func:`weightcond.engine.norms.diagonals`). ``project``: for an input of indices
     (an embedding's), ``project(x, L)`` is ``x Lᵀ`` (Decision (Embedding's input is indices)
     in :mod:`weightcond.reshape`); the plan then folds every right-side conditioner."""
-    pre, post = list(stack.pre), list(stack.post)
-    items: list[Item] = list(zip([*pre, *post], diags))
-    forms = plan.forms
-    pre_items, post_items = items[:len(pre)], items[len(pre):]
-    pre_forms, post_forms = forms[:len(pre)], forms[len(pre):]
-    right_pre = [it for it, f in zip(pre_items, pre_forms) if not it[0].is_left]
-    right_post = [it for it, f in zip(post_items, post_forms) if not it[0].is_left]
-    left_pre = [(it, f) for it, f in zip(pre_items, pre_forms) if it[0].is_left]
-    left_post = [(it, f) for it, f in zip(post_items, post_forms) if it[0].is_left]
-    right_pre_form = next((f for it, f in zip(pre_items, pre_forms) if not it[0].is_left), None)
-    right_post_form = next((f for it, f in zip(post_items, post_forms) if not it[0].is_left),
-                           None)
+    items: list[Item] = list(zip([*stack.pre, *stack.post], diags))
+    n_pre = len(stack.pre)
+    right_pre, left_pre, right_pre_form = _split(items[:n_pre], plan.forms[:n_pre])
+    right_post, left_post, right_post_form = _split(items[n_pre:], plan.forms[n_pre:])
     original_weight, all_right_pre = weight, right_pre
     dtype = x.dtype if x.is_floating_point() else weight.dtype  # of the activations
 

@@ -2,17 +2,16 @@
 
 The model-level code (:mod:`weightcond.batching`) computes, at the start of a model's
 forward, the :meth:`~weightcond.transforms.Transform.low_rank` factors of its layers'
-transforms in batched calls and enters them here with :func:`entered`; the executor reads
-a transform's factors with :func:`low_rank`, which falls back to the transform's own
-:meth:`~weightcond.transforms.Transform.low_rank`. Transforms themselves know nothing of
-models (see Note (batched factors) in :mod:`weightcond.batching` for when a batch is used).
+transforms in batched calls and enters them here with ``enter`` (``leave`` at its end); the
+executor reads a transform's factors with :func:`low_rank`, which falls back to the
+transform's own :meth:`~weightcond.transforms.Transform.low_rank`. Transforms themselves
+know nothing of models (see Note (batched factors) in :mod:`weightcond.batching` for when a
+batch is used).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -89,13 +88,3 @@ def leave(owner: object) -> None:
     batches = _batches()
     if batches and batches[-1][0] is owner:
         batches.pop()
-
-
-@contextmanager
-def entered(owner: object, batch: Batch) -> Iterator[None]:
-    """``enter`` for the duration of a ``with`` block (and ``leave`` after it)."""
-    enter(owner, batch)
-    try:
-        yield
-    finally:
-        leave(owner)

@@ -90,9 +90,6 @@ class Placed(Protocol):
     @property
     def is_left(self) -> bool: ...
 
-    @property
-    def placement(self) -> str: ...
-
 
 @dataclass(frozen=True)
 class Site:
@@ -181,9 +178,6 @@ class Plan:
     options: tuple[tuple[tuple[Form, Cost], ...], ...]
     base: Cost
     bytes_per_element: int
-
-    def form(self, i: int) -> Form:
-        return self.forms[i]
 
     def chosen(self, i: int) -> Cost:
         """The predicted cost of conditioner ``i`` in its chosen form (a chain's cost is
