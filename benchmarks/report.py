@@ -62,7 +62,26 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 model[name]["time_ratio_to_peft_lora"], MODEL_BOUND)
     if "grid" in results:
         found += grid_targets(results["grid"])
+    for key, entry in results.get("quantized", {}).items():
+        c = entry["candidates"]
+        for name, bound in QUANTIZED_TIME_TARGETS:
+            add(f"quantized {key}: {name} time / peft_lora",
+                c[name]["time_ratio_to_peft_lora"], bound)
+        if "peft_dora" in c:
+            add(f"quantized {key}: dora time / peft_dora", c["dora"]["time_ratio_to_peft_dora"],
+                QUANTIZED_DORA_BOUND)
+        for name in ("lora", "dora", "pre_diag", "sora"):
+            add(f"quantized {key}: {name} peak memory / peft_lora",
+                c[name]["memory_ratio_to_peft_lora"], MEMORY_BOUND)
+        add(f"quantized {key}: base bytes / float32", entry["base_bytes"] /
+            entry["float32_bytes"], QUANTIZED_BYTES_BOUND[entry["base"]])
     return found
+
+
+#: issue #23's targets on a quantized base, ratios to PEFT LoRA on the same base
+QUANTIZED_TIME_TARGETS = (("lora", 1.03), ("dora", 1.15), ("sora", 1.20))
+QUANTIZED_DORA_BOUND = 0.8  # dora against PEFT's DoRA on bitsandbytes
+QUANTIZED_BYTES_BOUND = {"nf4": 0.15, "int8": 0.27}
 
 
 KERNELS = ("kernels_block_b32_weight", "kernels_block_b32_activations")
@@ -257,6 +276,20 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
             lines.append("")
         if "grid" in res:
             lines += grid_markdown(res["grid"], res.get("targets", []), tag)
+        for key, entry in res.get("quantized", {}).items():
+            lines += [f"### Quantized base: {key} (bitsandbytes NF4 / torchao int8 "
+                      f"weight-only), base {_mib(entry['base_bytes'])} MiB = "
+                      f"{entry['base_bytes'] / entry['float32_bytes']:.3f} × float32", "",
+                      "| candidate | median ms | × PEFT LoRA | × PEFT DoRA | peak MiB | "
+                      "× PEFT LoRA mem | trainable |", "|---|---|---|---|---|---|---|"]
+            for name, e in entry["candidates"].items():
+                dora = e.get("time_ratio_to_peft_dora")
+                lines.append(f"| {name} | {e['time_s']['median'] * 1e3:.1f} | "
+                             f"{e['time_ratio_to_peft_lora']:.3f} | "
+                             f"{'—' if dora is None else f'{dora:.3f}'} | "
+                             f"{_mib(e['peak_bytes'])} | {e['memory_ratio_to_peft_lora']:.3f} | "
+                             f"{e['trainable_parameters']:,} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid as grid_bench
 import layer as layer_bench
 import model as model_bench
+import quantized as quantized_bench
 import report
 import transforms as transform_bench
 from common import HERE, Settings, environment, write_json
@@ -38,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--levels", default="layer,transforms,model",
-                        help="comma-separated subset of layer,transforms,model,grid (the "
-                             "grid, every transform × placement × side, is not in the default: "
-                             "20–25 minutes a dtype on a quiet 2-core machine)")
+                        help="comma-separated subset of layer,transforms,model,grid,quantized "
+                             "(the grid, every transform × placement × side, is not in the "
+                             "default: 20–25 minutes a dtype on a quiet 2-core machine; "
+                             "quantized: NF4 and int8 bases, writes its own results file)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated OUTxIN layer shapes for the layer and grid levels "
                              "(default: 1024x1024,4096x4096,4096x1024; --quick: tiny ones)")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--shapes: expected OUTxIN[,OUTxIN...], got {args.shapes!r}")
     levels = set(args.levels.split(","))
-    unknown = levels - {"layer", "transforms", "model", "grid"}
+    unknown = levels - {"layer", "transforms", "model", "grid", "quantized"}
     if unknown:
         parser.error(f"--levels: unknown {sorted(unknown)}")
     start = time.time()
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                     "grid": grid_bench.run(settings, shapes or default, log)}
         measured["elapsed_s"] = time.time() - start
         runs.append((f"{tag}-grid{quick}", measured))
+    if "quantized" in levels:
+        default = quantized_bench.QUICK_SHAPES if args.quick else quantized_bench.SHAPES
+        measured = {"environment": results["environment"],
+                    "quantized": quantized_bench.run(settings, shapes or default, log)}
+        measured["elapsed_s"] = time.time() - start
+        runs.append((f"{tag}-quantized{quick}", measured))
     if "layer" in levels:
         default = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
         results["layer"] = layer_bench.run(settings, shapes or default, log)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         results["transforms"] = transform_bench.run(settings, dims, log)
     if "model" in levels:
         results["model"] = model_bench.run(settings, log)
-    if levels - {"grid"}:
+    if levels - {"grid", "quantized"}:
         runs.append((tag + quick, results))
     for name, measured in runs:
         measured["targets"] = report.targets(measured)

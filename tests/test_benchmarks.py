@@ -250,3 +250,32 @@ def test_grid_floor_follows_the_cell() -> None:
     for name, cls in wc.TRANSFORMS.items():  # each class's own example options
         assert (grid.spec_label(name, cls.example_options), name,
                 dict(cls.example_options)) in rows
+
+
+def test_quick_quantized_level_runs_every_candidate(tmp_path: Path) -> None:
+    """``--levels quantized --quick``: NF4 and torchao int8 bases, every preset and the
+    householder/block cells against PEFT LoRA (and PEFT DoRA on NF4), the base's bytes, the
+    targets and the report section."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--levels",
+         "quantized", "--dtype", "bfloat16", "--repeats", "1", "--output", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "cpu-bfloat16-quantized-quick.json").read_text())
+    entries = data["quantized"]
+    assert set(entries) == {"nf4 128x128", "int8 128x128"}
+    ours = {"lora", "dora", "pre_diag", "sora", "hra (householder, 8)", "oft (block, 32)"}
+    assert set(entries["nf4 128x128"]["candidates"]) == ours | {"peft_lora", "peft_dora"}
+    assert set(entries["int8 128x128"]["candidates"]) == ours | {"peft_lora"}
+    for entry in entries.values():
+        assert 0 < entry["base_bytes"] < 0.3 * entry["float32_bytes"]
+        for e in entry["candidates"].values():
+            assert e["time_s"]["median"] > 0 and e["peak_bytes"] > 0
+    descriptions = {t["description"] for t in data["targets"]}
+    assert "quantized nf4 128x128: dora time / peft_dora" in descriptions
+    assert "quantized int8 128x128: base bytes / float32" in descriptions
+    report = (tmp_path / "cpu-bfloat16-quantized-quick.md").read_text()
+    assert "### Quantized base: nf4 128x128" in report

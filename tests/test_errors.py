@@ -52,7 +52,9 @@ CATALOGUE = [
     ("layer-type", lambda layer: wc.register_update(torch.nn.Conv1d(3, 3, 1), rank=1),
      wc.LayerTypeError,
      r"register_update: argument 'layer' expected one of \(torch\.nn\.Linear, transformers' "
-     r"Conv1D \(GPT-2\), torch\.nn\.Conv2d, torch\.nn\.Embedding\), got Conv1d"),
+     r"Conv1D \(GPT-2\), torch\.nn\.Conv2d, torch\.nn\.Embedding, bitsandbytes' Linear4bit "
+     r"\(NF4, FP4\), bitsandbytes' Linear8bitLt \(int8\), torch\.nn\.Linear with a torchao "
+     r"int8 weight\), got Conv1d"),
     ("rank-zero", lambda layer: wc.register_update(layer, rank=0), wc.OptionError,
      r"register_update: argument 'rank' expected an int >= 1, got 0"),
     ("rank-type", lambda layer: wc.register_update(layer, rank="4"), wc.OptionError,

@@ -139,7 +139,9 @@ def test_conv2d_conditions_the_im2col_matrix(preset: str) -> None:
 def test_other_layer_types_name_the_supported_ones() -> None:
     with pytest.raises(wc.LayerTypeError, match=r"expected one of \(torch\.nn\.Linear, "
                        r"transformers' Conv1D \(GPT-2\), torch\.nn\.Conv2d, "
-                       r"torch\.nn\.Embedding\), got Conv1d"):
+                       r"torch\.nn\.Embedding, bitsandbytes' Linear4bit \(NF4, FP4\), "
+                       r"bitsandbytes' Linear8bitLt \(int8\), torch\.nn\.Linear with a "
+                       r"torchao int8 weight\), got Conv1d"):
         wc.apply_preset(nn.Conv1d(4, 4, 1), "lora")
 
 
@@ -229,7 +231,9 @@ def test_an_override_preset_applies_to_every_layer_it_matches() -> None:
      r"'nothing\\\\\.\.\*' matches no module; near names: "),
     (lambda m: wc.condition(m, "lora", target_modules=["attention"]), wc.LayerTypeError,
      r"condition: argument 'target_modules' expected layers of a supported type \(torch.nn."
-     r"Linear, transformers' Conv1D \(GPT-2\), torch.nn.Conv2d, torch.nn.Embedding\), got "
+     r"Linear, transformers' Conv1D \(GPT-2\), torch.nn.Conv2d, torch.nn.Embedding, "
+     r"bitsandbytes' Linear4bit \(NF4, FP4\), bitsandbytes' Linear8bitLt \(int8\), "
+     r"torch.nn.Linear with a torchao int8 weight\), got "
      r"'encoder.layer.0.attention' \(BertAttention\)"),
     (lambda m: wc.condition(m, "lora", target_modules=["query"], exclude_modules=r".*"),
      wc.UnknownNameError, r"every module matched by 'target_modules' is excluded"),

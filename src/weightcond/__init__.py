@@ -13,7 +13,7 @@ The two axes of the design space are the transform (:data:`TRANSFORMS`, one file
 
 from typing import Any
 
-from . import analysis, interop
+from . import analysis, interop, quantized
 from .batching import batch_factors
 from .errors import (
     AdapterError,
@@ -84,6 +84,7 @@ __all__ = [
     "is_conditioned",
     "load_adapter",
     "merge",
+    "quantized",
     "register_conditioning",
     "register_transform",
     "register_update",

@@ -61,7 +61,6 @@ from .errors import AdapterError, OptionError, StateError, WeightcondError
 from .layer import (
     adapters_of,
     add_conditioner,
-    base_matrix,
     build_conditioner,
     build_update,
     check_adapter_name,
@@ -72,7 +71,7 @@ from .layer import (
     require_module,
 )
 from .placement import Conditioning
-from .reshape import layer_kind
+from .reshape import LAYER_KINDS, layer_kind
 from .version import __version__
 
 __all__ = ["CONFIG_NAME", "PEFT_CONFIG_NAME", "PEFT_TENSORS_NAME", "TENSORS_NAME",
@@ -258,7 +257,7 @@ def _layer_record(name: str, layer: nn.Module, conditioning: Conditioning, where
     record: dict[str, Any] = {
         "kind": kind.name,
         "shape": [conditioning.out_features, conditioning.in_features],
-        "dtype": _dtype_name(base_matrix(layer).dtype),
+        "dtype": _dtype_name(kind.matrix_dtype(layer)),
         "update": None,
         "conditioners": [],
     }
@@ -686,7 +685,10 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
     """A new, unattached :class:`Conditioning` for one layer, built from its record."""
     kind = layer_kind(layer, where)
     shape = kind.shape(layer)
-    if record["kind"] != kind.name or list(shape) != record["shape"]:
+    # a quantized Linear and a float one read the same (out, in) matrix: an adapter trained on
+    # one loads onto the other (QLoRA: train on the 4-bit base, merge into the float model)
+    recorded = LAYER_KINDS[record["kind"]].family if record["kind"] in LAYER_KINDS else None
+    if recorded != kind.family or list(shape) != record["shape"]:
         raise AdapterError(f"{where}: layer {name!r} expected {_a(record['kind'])} of shape "
                            f"(out, in) = {tuple(record['shape'])}, got {_a(kind.name)} of shape "
                            f"{shape} (an adapter for another model?)")
@@ -697,7 +699,7 @@ def _rebuild(name: str, layer: nn.Module, record: dict[str, Any], adapter_name: 
         conditioning.update = build_update(layer, where, rank=record["update"]["rank"],
                                             alpha=record["update"]["alpha"],
                                             adapter_name=adapter_name)
-    base = base_matrix(layer)
+    base = kind.frozen(layer)
     for entry in record["conditioners"]:
         conditioner = build_conditioner(
             layer, where, placement=entry["placement"], side=entry["side"],

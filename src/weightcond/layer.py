@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .engine.frozen import OpaqueWeight
 from .engine.plan import Plan, plan
 from .errors import (
     LayerTypeError,
@@ -48,7 +49,7 @@ from .errors import (
     check_int,
 )
 from .placement import Conditioner, Conditioning, Side, Stage
-from .reshape import LayerKind, layer_kind
+from .reshape import LayerKind, layer_kind, stored_weight
 from .transforms import TRANSFORMS, Transform
 from .update import LowRankUpdate
 
@@ -113,8 +114,8 @@ class Adapters(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         conditioning = self.current()
-        if conditioning is None:
-            return weight
+        if conditioning is None:  # a quantized kind's weight reads as its dequantized matrix
+            return weight if self.kind.opaque is None else self.kind.to_matrix(weight)
         return self.kind.from_matrix(conditioning(self.kind.to_matrix(weight)), weight.shape)
 
     def extra_repr(self) -> str:
@@ -125,12 +126,14 @@ def _forward(self: nn.Module, input: Tensor) -> Tensor:
     adapters = adapters_of(self)
     kind = adapters.kind
     conditioning = adapters.current()
-    if conditioning is None or adapters.dense or not kind.matrix_free:
+    if conditioning is None:  # the stored weight as the layer itself computes with it
+        return kind.compute(self, input, stored_weight(self), kind.bias(self))
+    if adapters.dense or not kind.matrix_free:
         return kind.compute(self, input, self.weight, kind.bias(self))
     params = self.parametrizations
     bias = params.bias.original if "bias" in params else kind.bias(self)
     project = None if kind.projection is None else kind.projection(self)
-    return conditioning.activation(input, kind.to_matrix(params.weight.original), bias, project)
+    return conditioning.activation(input, kind.frozen(self), bias, project)
 
 
 def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -242,6 +245,13 @@ def _named(adapters: Adapters, adapter_name: str | None, where: str) -> Conditio
     return adapters.adapters[adapter_name]  # type: ignore[no-any-return]
 
 
+def _matrix_dtype_device(layer: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The floating dtype of the layer's ``(out, in)`` matrix and its device (a quantized
+    weight is not read for them)."""
+    kind = layer_kind(layer, "weightcond")
+    return kind.matrix_dtype(layer), stored_weight(layer).device
+
+
 def _base_weight(layer: nn.Module) -> Tensor:
     """The frozen weight in the layer's stored layout."""
     if is_conditioned(layer):
@@ -283,6 +293,8 @@ def _check_layer(layer: nn.Module, where: str) -> tuple[int, int]:
     """
     kind = layer_kind(layer, where)
     if not is_conditioned(layer):
+        if kind.prepare is not None:
+            kind.prepare(layer)
         if parametrize.is_parametrized(layer):
             names = ", ".join(repr(n) for n in layer.parametrizations)
             raise StateError(f"{where}: argument 'layer' expected a layer without "
@@ -318,6 +330,8 @@ def _check_weight(layer: nn.Module, kind: LayerKind, where: str) -> None:
     if not isinstance(weight, Tensor):
         raise LayerTypeError(f"{where}: argument 'layer' expected a layer whose 'weight' is a "
                              f"tensor, got {got} whose 'weight' is {weight!r}")
+    if kind.opaque is not None:  # a quantized kind checked its own storage
+        return
     if isinstance(weight, nn.parameter.UninitializedTensorMixin):
         raise StateError(f"{where}: argument 'layer' expected a layer with an initialized "
                          f"weight, got {got} whose weight is uninitialized (run one forward "
@@ -368,10 +382,14 @@ def install_conditioning(layer: nn.Module, adapter_name: str, conditioning: Cond
     parametrizations on first use, the bias parametrization when a conditioner needs it."""
     if not is_conditioned(layer):
         kind = layer_kind(layer, "weightcond")
+        if kind.prepare is not None:
+            kind.prepare(layer)
         layer._weightcond_order = list(layer._parameters)  # restored by _strip
         layer.__class__ = _conditioned_class(type(layer))
         try:
-            parametrize.register_parametrization(layer, "weight", Adapters(kind))
+            # a quantized kind's stored weight is not the (out, in) float matrix it reads as
+            parametrize.register_parametrization(layer, "weight", Adapters(kind),
+                                                 unsafe=kind.opaque is not None)
         except Exception:
             layer.__class__ = type(layer).__bases__[0]
             del layer._weightcond_order
@@ -406,14 +424,14 @@ def build_update(layer: nn.Module, where: str, *, rank: int, alpha: float | None
     if _conditioning_for(layer, adapter_name).update is not None:
         raise StateError(f"{where}: adapter {adapter_name!r} of the layer already has an update; "
                          f"call weightcond.remove_conditioning(layer) first")
-    weight = _base_weight(layer)
+    dtype, device = _matrix_dtype_device(layer)
     try:
         update = LowRankUpdate(out_features, in_features, rank=rank, alpha=alpha,
-                               dtype=weight.dtype, device=weight.device)
+                               dtype=dtype, device=device)
     except WeightcondError as error:  # say which call the update's error came from
         raise type(error)(str(error).replace("register_update", where, 1)) from None
     if alpha is not None:  # the scale multiplies B in the layer's dtype
-        _check_representable({"alpha": update.alpha}, weight.dtype, where)
+        _check_representable({"alpha": update.alpha}, dtype, where)
     return update
 
 
@@ -544,12 +562,20 @@ def build_conditioner(layer: nn.Module, where: str, *, placement: str, side: str
         message = str(error)
         raise type(error)(message if message.startswith(where) else f"{where}: {message}"
                           ) from None
-    weight = _base_weight(layer)
+    dtype, device = _matrix_dtype_device(layer)
     label = f"{where}: {type(built).name or type(built).__name__}"
-    _check_representable(options, weight.dtype, label)
-    built.to(dtype=weight.dtype, device=weight.device)
-    _check_transform(built, weight, where, label, options)
+    _check_representable(options, dtype, label)
+    built.to(dtype=dtype, device=device)
+    _check_transform(built, torch.empty(0, dtype=dtype, device=device), where, label, options)
     kind = layer_kind(layer, where)
+    if not kind.input_grad(layer) and (where_side is Side.RIGHT or (
+            built.norm_tied and not built.detach_norm)):
+        what = "a right-side conditioner" if where_side is Side.RIGHT else \
+            "a norm-tied conditioner with gradient through its norm (detach_norm=False)"
+        raise LayerTypeError(
+            f"{where}: argument 'layer' expected a layer whose forward gives its input a "
+            f"gradient, as {what} needs, got a {kind.name} that gives none (torchao's dynamic "
+            f"int8 activations); use a weight-only quantization (Int8WeightOnlyConfig)")
     if kind.projection is not None and where_side is Side.RIGHT and built.low_rank_size is None:
         thin = [n for n, cls in TRANSFORMS.items()
                 if cls.low_rank_size is not Transform.low_rank_size]
@@ -621,9 +647,11 @@ def _probe_error(transform: Transform, weight: Tensor, where: str, label: str,
                           f"{type(transform).__name__}, whose {what} fails ({cause})")
 
 
-def add_conditioner(conditioning: Conditioning, base: Tensor, conditioner: Conditioner) -> None:
+def add_conditioner(conditioning: Conditioning, base: Tensor | OpaqueWeight,
+                    conditioner: Conditioner) -> None:
     """Append ``conditioner`` to its stage, initialising a norm-tied transform from the norms
-    of the matrix it conditions (``base`` is the ``(out, in)`` frozen weight)."""
+    of the matrix it conditions (``base`` is the ``(out, in)`` frozen weight, or a quantized
+    layer's :class:`~weightcond.engine.frozen.OpaqueWeight`)."""
     stage = Stage(conditioner.placement)
     if conditioner.transform.norm_tied:
         conditioner.transform.initialize(conditioning.initial_norms(
@@ -639,7 +667,7 @@ def _attach_conditioner(layer: nn.Module, conditioner: Conditioner,
     was_conditioned = is_conditioned(layer)
     was_present = was_conditioned and adapter_name in adapters_of(layer).adapters
     previous = adapters_of(layer).active if was_conditioned else None
-    add_conditioner(conditioning, base_matrix(layer), conditioner)
+    add_conditioner(conditioning, layer_kind(layer, "weightcond").frozen(layer), conditioner)
     try:
         install_conditioning(layer, adapter_name, conditioning)
     except Exception:
@@ -828,9 +856,9 @@ def explain(layer: nn.Module, *, tokens: int, input_grad: bool = True,
         raise StateError(f"explain: argument 'layer' expected a layer that runs matrix-free, "
                          f"got a {adapters.kind.name}, which runs on its dense conditioned "
                          f"weight")
-    weight = base_matrix(layer)
     indexed = adapters.kind.projection is not None
-    return plan(conditioning.layout(indexed), tokens, input_grad, weight.dtype)
+    return plan(conditioning.layout(indexed, adapters.kind.opaque is not None), tokens,
+                input_grad, adapters.kind.matrix_dtype(layer))
 
 
 def conditioned_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -920,30 +948,40 @@ def _require_adapter(layers: list[nn.Module], adapter_name: str | None, where: s
                                f"{', '.join(map(repr, names))}, got {adapter_name!r}")
 
 
-def _merge_layer(layer: nn.Module, adapter_name: str | None) -> None:
+def _merge_layer(layer: nn.Module, adapter_name: str | None, requantize: bool) -> None:
     adapters = adapters_of(layer)
+    kind = adapters.kind
     if adapter_name is None:
         conditioning = _named(adapters, None, "merge")
     else:  # a layer without the adapter keeps its base function (ModuleDict has no .get)
         conditioning = (adapters.adapters[adapter_name]  # noqa: SIM401
                         if adapter_name in adapters.adapters else None)
     base, bias = _base_weight(layer), _base_bias(layer)
+    if conditioning is None and kind.opaque is not None:
+        _strip(layer)  # the quantized layer as it was
+        return
     with torch.no_grad():
         weight, new_bias = base, bias
         if conditioning is not None:
-            matrix = adapters.kind.to_matrix(base)
-            weight = adapters.kind.from_matrix(conditioning.dense_weight(matrix), base.shape)
+            matrix = kind.to_matrix(base)
+            weight = kind.from_matrix(conditioning.dense_weight(matrix), base.shape)
             if bias is not None:
                 new_bias = conditioning.conditioned_bias(bias, matrix)
         weight = weight.detach().clone().contiguous()
         new_bias = None if new_bias is None else new_bias.detach().clone()
     _strip(layer)
-    layer.weight = nn.Parameter(weight, requires_grad=base.requires_grad)
+    if kind.requantize is not None and requantize:
+        kind.requantize(layer, weight)
+    else:
+        if kind.opaque is not None:  # a float layer: the quantized class reads its storage
+            layer.__class__ = nn.Linear
+        layer.weight = nn.Parameter(weight, requires_grad=base.requires_grad)
     if bias is not None:
         layer.bias = nn.Parameter(new_bias, requires_grad=bias.requires_grad)
 
 
-def merge(module: nn.Module, *, adapter_name: str | None = None) -> nn.Module:
+def merge(module: nn.Module, *, adapter_name: str | None = None, requantize: bool = False
+          ) -> nn.Module:
     r"""Bake the conditioning into every conditioned layer of ``module`` (or ``module``
     itself) and return it with plain layers.
 
@@ -954,14 +992,24 @@ def merge(module: nn.Module, *, adapter_name: str | None = None) -> nn.Module:
     function as before, now with one GEMM per layer (``merge`` bakes the adapter even inside
     :func:`weightcond.disabled`).
 
+    A quantized layer (:mod:`weightcond.quantized`) becomes a float :class:`torch.nn.Linear`
+    holding :math:`W'` computed from its dequantized weight, in the dtype it dequantizes to:
+    exactly the function it computed (up to the rounding its own kernel adds, Decision
+    (what is exact on a quantized base)). With ``requantize=True`` it stays of its quantized
+    kind, :math:`W'` quantized with the layer's settings: one more rounding of the weight, of
+    the size of the quantization step (4-bit NF4: blockwise, about 1/16 of each block's
+    largest entry; 8-bit: 1/254 of each row's), so the merged layer's outputs differ from
+    the conditioned layer's by that much. A layer without the adapter stays as it was.
+
     Raises:
         weightcond.StateError: nothing in ``module`` is conditioned.
         weightcond.UnknownNameError: no layer has an adapter ``adapter_name``.
     """
     layers = _require_layers(module, "merge")
     _require_adapter(layers, adapter_name, "merge")
+    check_bool("merge", "requantize", requantize)
     for layer in layers:
-        _merge_layer(layer, adapter_name)
+        _merge_layer(layer, adapter_name, requantize)
     return module
 
 

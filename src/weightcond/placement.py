@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import execute, norms
+from .engine.frozen import OpaqueWeight
 from .engine.kernels import functorch_active
 from .engine.plan import Layout, Plan, layout, plan
 from .transforms.base import Transform, limit_diagonal
@@ -167,40 +168,56 @@ class Conditioning(nn.Module):
             g = conditioner.on_matrix(g, diag)
         return g, diags
 
-    def initial_norms(self, weight: Tensor, placement: Stage, side: Side) -> Tensor:
-        """Norms of the matrix a conditioner appended to ``placement`` would condition."""
+    def initial_norms(self, weight: Tensor | OpaqueWeight, placement: Stage, side: Side
+                      ) -> Tensor:
+        """Norms of the matrix a conditioner appended to ``placement`` would condition. For
+        a quantized ``weight``, row norms come from its row norms where DESIGN §5's
+        expansion applies (no dense matrix); otherwise it is dequantized once, here."""
         with torch.no_grad():
+            if not isinstance(weight, Tensor):
+                if side is Side.LEFT:
+                    found = norms.appended_row_norms(self, weight, placement is Stage.POST)
+                    if found is not None:
+                        return found
+                weight = weight.dense()
             g = self.dense_weight(weight, steps=self.stage_end(placement))
             return norms.norms_of(g, side is Side.LEFT)
 
     # -- the matrix-free form ---------------------------------------------------------------------
-    def layout(self, indexed: bool = False) -> Layout:
+    def layout(self, indexed: bool = False, opaque: bool = False) -> Layout:
         """The layer's structure as the planner sees it (:class:`weightcond.engine.plan.Layout`);
-        ``indexed``: its input is indices (an embedding's)."""
+        ``indexed``: its input is indices (an embedding's); ``opaque``: its frozen weight is
+        known through its product only (a quantized layer's)."""
         return layout(self.out_features, self.in_features,
                       self.pre, self.post,  # type: ignore[arg-type]
-                      None if self.update is None else self.update.rank, indexed)
+                      None if self.update is None else self.update.rank, indexed, opaque)
 
-    def plan(self, x: Tensor, weight: Tensor, indexed: bool = False) -> Plan:
+    def plan(self, x: Tensor, weight: Tensor | OpaqueWeight, indexed: bool = False) -> Plan:
         """The :class:`weightcond.engine.plan.Plan` for input ``x`` (Note (plan, then execute))."""
         tokens = x.numel() if indexed else x.numel() // max(x.shape[-1], 1)
         # on x.requires_grad alone, not the grad mode: one input gives the same bits with and
         # without torch.no_grad()
-        return plan(self.layout(indexed), tokens, x.requires_grad, weight.dtype,
-                    functorch_active())
+        return plan(self.layout(indexed, not isinstance(weight, Tensor)), tokens,
+                    x.requires_grad, weight.dtype, functorch_active())
 
-    def activation(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+    def activation(self, x: Tensor, weight: Tensor | OpaqueWeight, bias: Tensor | None,
                    project: Callable[[Tensor, Tensor], Tensor] | None = None, *,
                    plan: Plan | None = None) -> Tensor:
         """The layer's output for input ``x`` without forming the conditioned weight: the
         plan of ``self.plan(x, weight)`` (or ``plan``, one of
         :func:`~weightcond.engine.plan.every_plan`'s), run by
-        :func:`weightcond.engine.execute.execute`. ``project``: the layer kind's projection
-        of an input of indices (:class:`~weightcond.reshape.LayerKind`)."""
-        diags = norms.diagonals(self, weight, lambda w, steps: self.dense_weight(w, steps=steps))
+        :func:`weightcond.engine.execute.execute`. ``weight``: the frozen ``(out, in)``
+        matrix, or a quantized layer's :class:`~weightcond.engine.frozen.OpaqueWeight`.
+        ``project``: the layer kind's projection of an input of indices
+        (:class:`~weightcond.reshape.LayerKind`)."""
+        diags = norms.diagonals(self, weight, self._dense_of)
         if plan is None:
             plan = self.plan(x, weight, project is not None)
         return execute.execute(self, plan, x, weight, bias, diags, project)
+
+    def _dense_of(self, weight: Tensor | OpaqueWeight, steps: int) -> Tensor:
+        matrix = weight if isinstance(weight, Tensor) else weight.dense()
+        return self.dense_weight(matrix, steps=steps)
 
     def conditioned_bias(self, bias: Tensor, weight: Tensor) -> Tensor:
         """The dense conditioned bias :math:`b'` (the parametrization of ``layer.bias``)."""

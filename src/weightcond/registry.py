@@ -32,14 +32,23 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return decorate
 
-    def add(self, name: str, entry: T) -> None:
-        """Register ``entry`` under ``name``; a name can be registered once."""
+    def add(self, name: str, entry: T, *, before: str | None = None) -> None:
+        """Register ``entry`` under ``name``; a name can be registered once. ``before``: a
+        registered name the entry is listed (and tried) before; ``None``: last."""
         if not isinstance(name, str) or not name.isidentifier():
             raise OptionError(f"{self._kind} registry: argument 'name' expected an identifier, "
                               f"got {name!r}")
         if name in self._entries:
             raise OptionError(f"{self._kind} registry: name {name!r} is already registered")
-        self._entries[name] = entry
+        if before is None:
+            self._entries[name] = entry
+            return
+        if before not in self._entries:
+            self.lookup(before, f"{self._kind} registry", "before")  # raises, naming them
+        entries = list(self._entries.items())
+        at = next(i for i, (n, _) in enumerate(entries) if n == before)
+        entries.insert(at, (name, entry))
+        self._entries = dict(entries)
 
     def __getitem__(self, name: str) -> T:
         try:

@@ -42,13 +42,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Size, Tensor, nn
 
+from .engine.frozen import OpaqueWeight
 from .errors import LayerTypeError
 from .registry import Registry
 
-__all__ = ["LAYER_KINDS", "LayerKind", "layer_kind", "register_layer_kind", "supported_kinds"]
+__all__ = ["LAYER_KINDS", "LayerKind", "layer_kind", "register_layer_kind", "stored_weight",
+           "supported_kinds"]
 
 
 def _is_transformers_conv1d(layer: object) -> bool:
@@ -79,6 +82,22 @@ class LayerKind:
             input is those vectors.
         all_linear: whether ``target_modules="all-linear"`` takes layers of this kind (as
             PEFT's, which leaves embeddings alone).
+        opaque: for a quantized kind, ``opaque(layer, stored)`` is the frozen weight as an
+            :class:`~weightcond.engine.frozen.OpaqueWeight` (the executor never dequantizes
+            it; ``to_matrix`` then dequantizes, for the dense form); ``None``: the stored
+            weight is a float tensor.
+        dtype: ``dtype(layer, stored)``, the floating dtype of the ``(out, in)`` matrix (the
+            adapter's parameters take it); ``None``: the stored weight's dtype.
+        prepare: called on the layer before it is first conditioned (a quantized kind puts
+            its state where its dequantized view reads it).
+        input_grad: ``input_grad(layer)``, whether the layer's forward gives its input a
+            gradient (torchao's dynamic int8 activations do not: right-side conditioners are
+            then refused).
+        family: the kinds whose saved adapters load onto each other (a quantized ``Linear``
+            and ``Linear`` read the same ``(out, in)`` matrix); ``""``: the kind's name.
+        requantize: for a quantized kind, ``requantize(layer, dense)`` stores the ``(out,
+            in)`` matrix ``dense`` as the layer's weight in its own quantized form
+            (``merge(..., requantize=True)``).
     """
 
     name: str
@@ -92,14 +111,40 @@ class LayerKind:
     bias: Callable[[nn.Module], Tensor | None] = lambda layer: getattr(layer, "bias", None)
     projection: Callable[[nn.Module], Callable[[Tensor, Tensor], Tensor]] | None = None
     all_linear: bool = True
+    opaque: Callable[[nn.Module, Tensor], OpaqueWeight] | None = None
+    dtype: Callable[[nn.Module, Tensor], torch.dtype] | None = None
+    prepare: Callable[[nn.Module], None] | None = None
+    input_grad: Callable[[nn.Module], bool] = lambda layer: True
+    requantize: Callable[[nn.Module, Tensor], None] | None = None
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
 
     def shape(self, layer: nn.Module) -> tuple[int, int]:
         """``(out, in)`` of the layer's weight matrix."""
-        out_features, in_features = self.to_matrix(_stored_weight(layer)).shape
+        stored = stored_weight(layer)
+        if self.opaque is not None:
+            out_features, in_features = self.opaque(layer, stored).shape
+        else:
+            out_features, in_features = self.to_matrix(stored).shape
         return out_features, in_features
 
+    def frozen(self, layer: nn.Module) -> Tensor | OpaqueWeight:
+        """The frozen ``(out, in)`` matrix as the executor reads it: a view of the stored
+        weight, or a quantized kind's :class:`~weightcond.engine.frozen.OpaqueWeight`."""
+        stored = stored_weight(layer)
+        return self.to_matrix(stored) if self.opaque is None else self.opaque(layer, stored)
 
-def _stored_weight(layer: nn.Module) -> Tensor:
+    def matrix_dtype(self, layer: nn.Module) -> torch.dtype:
+        """The floating dtype of the ``(out, in)`` matrix."""
+        stored = stored_weight(layer)
+        return stored.dtype if self.dtype is None else self.dtype(layer, stored)
+
+
+def stored_weight(layer: nn.Module) -> Tensor:
+    """The frozen weight as the layer stores it (under a parametrization, its original)."""
     params = getattr(layer, "parametrizations", None)
     if params is not None and "weight" in params:
         return params.weight.original  # type: ignore[no-any-return]
@@ -110,22 +155,27 @@ def _stored_weight(layer: nn.Module) -> Tensor:
 LAYER_KINDS: Registry[LayerKind] = Registry("layer kind")
 
 
-def register_layer_kind(kind: LayerKind) -> LayerKind:
-    """Support a layer type: ``kind`` is tried after the kinds registered before it.
+def register_layer_kind(kind: LayerKind, *, before: str | None = None) -> LayerKind:
+    """Support a layer type: ``kind`` is tried after the kinds registered before it, or just
+    before the kind named ``before`` (a subclass of a supported type, such as a quantized
+    ``Linear``, goes before its base class's kind).
 
     Raises:
         weightcond.OptionError: a kind of this name is registered already.
+        weightcond.UnknownNameError: no kind is named ``before``.
     """
     if not isinstance(kind, LayerKind):
         raise LayerTypeError(f"register_layer_kind: argument 'kind' expected a LayerKind, got "
                              f"{type(kind).__name__}")
-    LAYER_KINDS.add(kind.name, kind)
+    LAYER_KINDS.add(kind.name, kind, before=before)
     return kind
 
 
 def supported_kinds() -> str:
-    """The supported layer types, as messages name them."""
-    return ", ".join(kind.description or kind.name for kind in LAYER_KINDS.values())
+    """The supported layer types, as messages name them (float kinds first, then quantized
+    ones, each in registration order)."""
+    kinds = sorted(LAYER_KINDS.values(), key=lambda kind: kind.opaque is not None)
+    return ", ".join(kind.description or kind.name for kind in kinds)
 
 
 def _embedding_compute(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..transforms.base import Transform, thin_update
 from ..update import LowRankUpdate
 from . import factors
+from .frozen import OpaqueWeight, linear
 from .kernels import LinearNode, functorch_active, output, scale_add
 from .plan import Form, Placed, Plan
 
@@ -295,14 +296,15 @@ def run_steps(base: Callable[[], Tensor], steps: list[Step], lead: torch.Size,
 Item = tuple[Placed, Tensor | None]  # a conditioner and its norm-tied diagonal, if any
 
 
-def _fold_pre(chain: list[Item], weight: Tensor, h: Tensor, dtype: torch.dtype) -> list[Step]:
+def _fold_pre(chain: list[Item], weight: Tensor | OpaqueWeight, h: Tensor, dtype: torch.dtype
+              ) -> list[Step]:
     """``W R_1 ⋯ R_k h`` for thin ``R_i = I + U_i V_iᵀ`` as ``W h`` plus rank-``m_i`` terms,
     ``W R_1 ⋯ R_k = W + Σ_i (W U_i)(V_iᵀ R_{i+1} ⋯ R_k)`` (Note (folded rotations))."""
     terms: list[Step] = []
     for i, (c, _) in enumerate(chain):
         u, v = _factors(c)
         rows = rows_times(v.mT.to(dtype), chain[i + 1:])
-        terms.append(LowRank(h, rows, F.linear(u.mT.to(weight.dtype).contiguous(), weight)))
+        terms.append(LowRank(h, rows, linear(u.mT.to(weight.dtype).contiguous(), weight)))
     return terms
 
 
@@ -324,14 +326,17 @@ def _split(items: list[Item], forms: Sequence[Form]
     return right, left, form
 
 
-def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | None,
-            diags: Sequence[Tensor | None], project: Project | None = None) -> Tensor:
+def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor | OpaqueWeight,
+            bias: Tensor | None, diags: Sequence[Tensor | None], project: Project | None = None
+            ) -> Tensor:
     """The layer's output for input ``x`` (last dimension ``in``) as ``plan`` says: ``weight``
-    is the frozen ``(out, in)`` matrix, ``bias`` the layer's bias (or ``None``) and ``diags``
-    the norm-tied diagonal of each conditioner in composition order (``None`` for the
-    others; :func:`weightcond.engine.norms.diagonals`). ``project``: for an input of indices
-    (an embedding's), ``project(x, L)`` is ``x Lᵀ`` (Decision (Embedding's input is indices)
-    in :mod:`weightcond.reshape`); the plan then folds every right-side conditioner."""
+    is the frozen ``(out, in)`` matrix (dense, or opaque: a quantized layer's, Decision
+    (quantized bases are opaque) in :mod:`weightcond.engine.frozen`), ``bias`` the layer's
+    bias (or ``None``) and ``diags`` the norm-tied diagonal of each conditioner in
+    composition order (``None`` for the others;
+    :func:`weightcond.engine.norms.diagonals`). ``project``: for an input of indices (an
+    embedding's), ``project(x, L)`` is ``x Lᵀ`` (Decision (Embedding's input is indices) in
+    :mod:`weightcond.reshape`); the plan then folds every right-side conditioner."""
     items: list[Item] = list(zip([*stack.pre, *stack.post], diags))
     n_pre = len(stack.pre)
     right_pre, left_pre, right_pre_form = _split(items[:n_pre], plan.forms[:n_pre])
@@ -351,6 +356,7 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
     elif right_pre_form is Form.FUSED:
         fused = right_pre[0][0].transform
     elif right_pre_form is Form.WEIGHT:
+        assert isinstance(weight, Tensor)  # the planner gives an opaque weight no weight form
         weight = rows_times(weight, right_pre)  # W R_1 ⋯ R_k, R_pre is now in W
         right_pre = []
     din: Tensor | None = None  # right pre diagonals, applied by the GEMM's node if it can
@@ -370,22 +376,25 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
     update: list[LowRank] = [] if stack.update is None else [
         LowRank(h_post, *stack.update.factors())]
 
-    def linear(b: Tensor | None) -> Tensor:
+    def frozen(b: Tensor | None) -> Tensor:
         if project is not None:
+            assert isinstance(weight, Tensor)  # embeddings are dense
             y = project(flat, weight)
             return y if b is None else y + b
-        return F.linear(flat, weight, b) if fused is None else \
-            fused.rotated_linear(flat, weight, b)
+        if fused is not None:
+            assert isinstance(weight, Tensor)  # the planner fuses only a dense weight
+            return fused.rotated_linear(flat, weight, b)
+        return linear(flat, weight, b)
 
     def finish(chain: list[Step], b: Tensor | None) -> Tensor:
         nonlocal flat
-        node = None if fused is not None or project is not None else \
-            _one_node(chain, h_pre, flat, weight, b, din)
+        node = None if fused is not None or project is not None or \
+            not isinstance(weight, Tensor) else _one_node(chain, h_pre, flat, weight, b, din)
         if node is not None:
             return output(node, lead)
         if din is not None:  # the step list: the GEMM on x ⊙ din, as the node computes it
             flat = flat * din.to(flat.dtype)
-        return run_steps(lambda: linear(b), chain, lead, project)
+        return run_steps(lambda: frozen(b), chain, lead, project)
 
     def conditioned(rows: Tensor) -> Tensor:
         """``(M uᵀ)ᵀ`` for the rows ``u`` of ``rows`` (``(m, in)``): the conditioned matrix
@@ -394,7 +403,7 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
         for c, d in reversed(all_right_pre):
             h = on_activations(c, h, d)
         # contiguous rows: a transposed view makes the backward a slow GEMM (Note (thin GEMMs))
-        y = F.linear(h.to(original_weight.dtype).contiguous(), original_weight).to(rows.dtype)
+        y = linear(h.to(original_weight.dtype).contiguous(), original_weight).to(rows.dtype)
         for (c, d), _ in left_pre:
             y = on_activations(c, y, d)
         for term in update:
@@ -424,6 +433,7 @@ def execute(stack: Stack, plan: Plan, x: Tensor, weight: Tensor, bias: Tensor | 
                 through_update = (rows @ term.right.mT.to(rows.dtype)) @ \
                     term.left.to(rows.dtype)
             rows = rows_times(rows, [it for it, _ in left_pre][::-1])
+        assert isinstance(weight, Tensor)  # the planner folds no left conditioner on opaque
         w = weight.to(rows.dtype)
         if through_update is not None and not right_pre:
             return torch.addmm(through_update, rows, w)

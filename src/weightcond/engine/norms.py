@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..transforms.base import compute_dtype, limit_diagonal
 from .execute import Stack, apply
+from .frozen import OpaqueWeight, linear
 from .plan import Placed
 
-__all__ = ["detached", "diagonals", "norms_of"]
+__all__ = ["appended_row_norms", "detached", "diagonals", "norms_of"]
 
 # rows of W + ΔW whose norms the DoRA fast path recomputes exactly (Note (cancelled rows))
 _EXACT_ROWS = 16
@@ -29,7 +31,8 @@ def detached(conditioner: Placed) -> contextlib.AbstractContextManager[None]:
     return torch.no_grad() if conditioner.transform.detach_norm else contextlib.nullcontext()
 
 
-def diagonals(stack: Stack, weight: Tensor, dense_weight: Callable[[Tensor, int], Tensor]
+def diagonals(stack: Stack, weight: Tensor | OpaqueWeight,
+              dense_weight: Callable[[Tensor | OpaqueWeight, int], Tensor]
               ) -> list[Tensor | None]:
     """The diagonal of each norm-tied conditioner (``None`` for the others).
 
@@ -37,7 +40,8 @@ def diagonals(stack: Stack, weight: Tensor, dense_weight: Callable[[Tensor, int]
     ``diag(l) · X · R`` with ``R`` orthogonal has row norms ``|l| ⊙ ‖X‖_row``, and
     ``X = diag(p) W R_pre + s B A`` has
     ``‖X_i‖² = p_i² ‖W_i‖² + 2 s p_i [(W R_pre Aᵀ) ⊙ B]_i 1 + s² [(B A Aᵀ) ⊙ B]_i 1``,
-    (``‖W_i‖²`` is a reduction over ``W``). Anything else uses the dense matrix.
+    (``‖W_i‖²`` is a reduction over ``W``, computed once for an opaque ``W``). Anything
+    else uses the dense matrix (``dense_weight``; for an opaque ``W`` the dequantized one).
     """
     conditioners = [*stack.pre, *stack.post]
     if not any(c.transform.norm_tied for c in conditioners):
@@ -79,13 +83,15 @@ def diagonals(stack: Stack, weight: Tensor, dense_weight: Callable[[Tensor, int]
             fast = False
     return diags
 
-def _scaled_weight_sq(weight: Tensor, scale: Tensor | None) -> Tensor:
-    # recomputed every call (a reduction, no (out, in) temporary): a cache keyed on the
-    # tensor's version would miss in-place changes made through `.data`
-    sq = norms_of(weight, True) ** 2
+def _scaled_weight_sq(weight: Tensor | OpaqueWeight, scale: Tensor | None) -> Tensor:
+    # recomputed every call for a dense W (a reduction, no (out, in) temporary): a cache
+    # keyed on the tensor's version would miss in-place changes made through `.data`; an
+    # opaque (quantized) W computed it once
+    sq = norms_of(weight, True) ** 2 if isinstance(weight, Tensor) else \
+        weight.row_sq().to(compute_dtype(weight.dtype))
     return sq if scale is None else sq * scale.to(sq.dtype) ** 2
 
-def _update_row_sq(stack: Stack, weight: Tensor, pre_scale: Tensor | None,
+def _update_row_sq(stack: Stack, weight: Tensor | OpaqueWeight, pre_scale: Tensor | None,
                    pre_right: list[Placed]) -> Tensor:
     """``‖X_i‖²`` for ``X = diag(p) W R_pre + s B A`` without forming ``X``."""
     sq = _scaled_weight_sq(weight, pre_scale)
@@ -96,7 +102,7 @@ def _update_row_sq(stack: Stack, weight: Tensor, pre_scale: Tensor | None,
     for c in reversed(pre_right):  # rows of A R_preᵀ, i.e. the columns of R_pre Aᵀ
         a = apply(c.transform, a)
     dtype = sq.dtype
-    wa = F.linear(a.to(weight.dtype), weight).to(dtype)  # (r, out) = (W R_pre Aᵀ)ᵀ
+    wa = linear(a.to(weight.dtype), weight).to(dtype)  # (r, out) = (W R_pre Aᵀ)ᵀ
     b = upd.B.to(dtype)
     cross = (wa.mT * b).sum(-1)
     if pre_scale is not None:
@@ -115,7 +121,7 @@ def _update_row_sq(stack: Stack, weight: Tensor, pre_scale: Tensor | None,
         terms = sq + 2 * abs(s) * cross.abs() + s * s * quad
         loss = total / terms.clamp_min(torch.finfo(dtype).tiny)
         rows = torch.topk(loss, min(_EXACT_ROWS, loss.numel()), largest=False).indices
-    x = weight[rows]
+    x = weight[rows] if isinstance(weight, Tensor) else weight.rows(rows)
     for c in pre_right:  # W_i R_pre
         x = apply(c.transform, x, transpose=True)
     # in the solve dtype under autocast too: these rows are here for their accuracy
@@ -125,3 +131,51 @@ def _update_row_sq(stack: Stack, weight: Tensor, pre_scale: Tensor | None,
             x = x * pre_scale.to(dtype)[rows, None]
         x = torch.addmm(x, b[rows], a32, alpha=s)
         return total.index_put((rows,), x.square().sum(-1))
+
+
+class _RowNorms:
+    """A stand-in norm-tied left conditioner whose diagonal is its norms."""
+
+    norm_tied = is_diagonal = detach_norm = True
+    is_orthogonal = False
+
+    def diagonal(self, norms: Tensor | None = None) -> Tensor:
+        assert norms is not None
+        return norms
+
+
+@dataclass(frozen=True)
+class _Appended:
+    update: Any
+    pre: list[Any]
+    post: list[Any]
+
+
+@dataclass(frozen=True)
+class _Probe:
+    transform: _RowNorms
+    is_left: bool = True
+
+
+class _NotExpandable(Exception):
+    pass
+
+
+def appended_row_norms(stack: Stack, weight: Tensor | OpaqueWeight, post: bool
+                       ) -> Tensor | None:
+    """The row norms of the matrix a left conditioner appended to the pre (``post=False``) or
+    post stage would condition, by the expansion of :func:`diagonals` (``None`` where it does
+    not apply: the caller forms the matrix)."""
+    probe = _Probe(_RowNorms())
+    view = _Appended(stack.update, [*stack.pre] if post else [*stack.pre, probe],
+                     [*stack.post, probe] if post else [])
+
+    def refuse(weight: Tensor | OpaqueWeight, steps: int) -> Tensor:
+        raise _NotExpandable
+
+    try:
+        found = diagonals(view, weight, refuse)
+    except _NotExpandable:
+        return None
+    return found[len(view.pre) - 1 if not post else -1]
+

@@ -114,15 +114,18 @@ class Site:
 @dataclass(frozen=True)
 class Layout:
     """A layer's structure: its shape, its conditioners in composition order, its update's
-    rank (``None`` without an update) and whether its input is indices (an embedding's: then
+    rank (``None`` without an update), whether its input is indices (an embedding's: then
     a right-side conditioner can only fold, Decision (Embedding's input is indices) in
-    :mod:`weightcond.reshape`)."""
+    :mod:`weightcond.reshape`) and whether its frozen weight is opaque (a quantized layer's:
+    no form that reads the weight's entries, Decision (quantized bases are opaque) in
+    :mod:`weightcond.engine.frozen`)."""
 
     out_features: int
     in_features: int
     sites: tuple[Site, ...]
     update_rank: int | None
     indexed: bool = False
+    opaque: bool = False
 
 
 def site(conditioner: Placed, post: bool) -> Site:
@@ -134,10 +137,10 @@ def site(conditioner: Placed, post: bool) -> Site:
 
 
 def layout(out_features: int, in_features: int, pre: Sequence[Placed], post: Sequence[Placed],
-           update_rank: int | None, indexed: bool = False) -> Layout:
+           update_rank: int | None, indexed: bool = False, opaque: bool = False) -> Layout:
     """The :class:`Layout` of a layer from its pre and post conditioners."""
     sites = tuple([site(c, False) for c in pre] + [site(c, True) for c in post])
-    return Layout(out_features, in_features, sites, update_rank, indexed)
+    return Layout(out_features, in_features, sites, update_rank, indexed, opaque)
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def _decisions(layout: Layout, tokens: int, input_grad: bool, dtype: torch.dtype
             found = [(Form.SCALE, Cost(3.0 * t * s.dim, 4.0 * t * s.dim * e))]
         elif s.left:
             found = [(Form.ACTIVATION, activation(s))]
-            if s.low_rank is not None:
+            if s.low_rank is not None and not layout.opaque:  # its pull-back reads W
                 found.append((Form.FOLD, fold(s)))
         else:
             continue
@@ -317,7 +320,7 @@ def _decisions(layout: Layout, tokens: int, input_grad: bool, dtype: torch.dtype
             for s in members:
                 folded = folded + fold(s)
             found.append((Form.FOLD, folded))
-        if not post:
+        if not post and not layout.opaque:  # W R, or a node that reads W
             found.append((Form.WEIGHT, Cost(3.0 * o * flops, 6.0 * o * i * e * len(members))
                           + gemm))
             if len(members) == 1 and members[0].fuses_linear and not functorch:
