@@ -489,3 +489,35 @@ def test_a_transformers_model_loaded_quantized(config: str, tmp_path) -> None:
     theirs = peft.PeftModel.from_pretrained(load(), tmp_path / "peft").train()
     with torch.no_grad():
         _assert_close(theirs(input_ids=ids).last_hidden_state, want, "PEFT", 1e-4)
+
+
+@pytest.mark.parametrize("base, kind, step", [("nf4", "Linear4bit", 0.15),
+                                              ("fp4", "Linear4bit", 0.25),
+                                              ("int8", "Linear8bitLt", 0.02),
+                                              ("torchao-int8", "Int8Linear", 0.02)])
+def test_quantize_a_model_in_memory(base: str, kind: str, step: float) -> None:
+    """quantize() replaces the plain Linear layers (not the skipped ones) by the base's
+    kind; the model computes what it did, to the quantization's rounding."""
+    from weightcond.quantized import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 2))
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        want = model(x)
+    quantize(model, base, skip=lambda name, layer: layer.out_features == 2)
+    assert [layer_kind(m, "test").name for m in (model[0], model[2], model[3])] == \
+        [kind, kind, "Linear"]
+    with torch.no_grad():
+        _assert_close(model(x), want, "quantized output", step)
+    wc.condition(model, "dora", target_modules=["0", "2"], rank=4)
+    model(x).sum().backward()
+    with pytest.raises(wc.StateError, match="not conditioned yet"):
+        quantize(model, base)
+
+
+def test_quantize_refuses_an_unknown_base() -> None:
+    from weightcond.quantized import quantize
+
+    with pytest.raises(wc.OptionError, match="expected one of 'nf4', 'fp4', 'int8'"):
+        quantize(nn.Sequential(nn.Linear(4, 4)), "int4")

@@ -58,7 +58,8 @@ from .engine.frozen import OpaqueWeight
 from .errors import LayerTypeError
 from .reshape import LayerKind, register_layer_kind, stored_weight
 
-__all__ = ["QUANTIZED_KINDS", "import_bitsandbytes", "is_quantized", "quantized_bytes"]
+__all__ = ["BASES", "QUANTIZED_KINDS", "import_bitsandbytes", "is_quantized", "quantize",
+           "quantized_bytes"]
 
 #: rows dequantized at a time when a kind computes row norms or the whole matrix (bounds the
 #: transient float memory at registration by ``_CHUNK`` elements)
@@ -352,6 +353,73 @@ def _compute_torchao(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor |
 
 def _dense_torchao(stored: Tensor) -> Tensor:
     return stored.dequantize()  # type: ignore[attr-defined,no-any-return]
+
+
+#: What :func:`quantize` makes of a ``Linear``: bitsandbytes NF4 or FP4 (4-bit, blocks of 64),
+#: bitsandbytes LLM.int8() (``int8``), torchao int8 weight-only (``torchao-int8``).
+BASES = ("nf4", "fp4", "int8", "torchao-int8")
+
+
+def quantize(module: nn.Module, base: str, *, compute_dtype: torch.dtype | None = None,
+             skip: Callable[[str, nn.Linear], bool] | None = None) -> nn.Module:
+    """Replace every plain :class:`torch.nn.Linear` of ``module`` by its quantized form, in
+    place (what transformers' ``BitsAndBytesConfig`` / ``TorchAoConfig`` do at loading, for a
+    model already in memory), and return ``module``.
+
+    Args:
+        module: the model (or a ``Linear``'s parent); the layers must not be conditioned yet.
+        base: one of :data:`BASES`.
+        compute_dtype: the dtype a 4-bit layer computes in (default: its input's).
+        skip: ``skip(name, layer)`` keeps a layer in float (a classifier head).
+
+    Raises:
+        weightcond.OptionError: an unknown ``base``.
+        weightcond.StateError: a layer is conditioned already.
+    """
+    from .errors import OptionError, StateError
+
+    if base not in BASES:
+        raise OptionError(f"quantize: argument 'base' expected one of "
+                          f"{', '.join(map(repr, BASES))}, got {base!r}")
+    found = [(name, m) for name, m in module.named_modules()
+             if type(m) is nn.Linear and not (skip is not None and skip(name, m))]
+    conditioned = [name for name, m in module.named_modules()
+                   if hasattr(m, "parametrizations")]
+    if conditioned:
+        raise StateError(f"quantize: argument 'module' expected layers not conditioned yet "
+                         f"(quantize first, then condition), got {conditioned[0]!r} conditioned")
+    if base == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        chosen = {id(m) for _, m in found}
+        quantize_(module, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, name: id(m) in chosen)
+        return module
+    bnb, _ = import_bitsandbytes()
+    for name, layer in found:
+        weight = layer.weight.detach()
+        bias = None if layer.bias is None else layer.bias.detach()
+        if base == "int8":
+            new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features,
+                                      bias=bias is not None, has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(),
+                                           requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(layer.in_features, layer.out_features,
+                                    bias=bias is not None, compute_dtype=compute_dtype,
+                                    quant_type=base)
+            new.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False,
+                                           quant_type=base)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        new = new.to(weight.device)  # bitsandbytes quantizes when the weight is moved
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if parent is layer:  # module is the Linear itself: it cannot be replaced in place
+            raise StateError("quantize: argument 'module' expected a model holding Linear "
+                             "layers, got a Linear (quantize its parent)")
+        setattr(parent, child, new)
+    return module
 
 
 def is_quantized(layer: nn.Module) -> bool:
