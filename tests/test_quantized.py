@@ -521,3 +521,33 @@ def test_quantize_refuses_an_unknown_base() -> None:
 
     with pytest.raises(wc.OptionError, match="expected one of 'nf4', 'fp4', 'int8'"):
         quantize(nn.Sequential(nn.Linear(4, 4)), "int4")
+
+
+@pytest.mark.parametrize("base", ["nf4", "int8"])
+def test_compare_on_a_quantized_base(base: str) -> None:
+    """``weightcond compare --base``: MiniLM quantized before conditioning (every linear layer
+    of the encoder; the head stays float), trained, the base's bytes in the results."""
+    import dataclasses
+
+    from weightcond.compare import Settings, run
+    from weightcond.data import load_minilm
+
+    settings = dataclasses.replace(Settings.quick(), presets=["dora"], steps=3,
+                                   train_size=32, eval_size=16, base=base)
+    results = run(settings)
+    assert results["data"]["base"] == base
+    assert [r["preset"] for r in results["runs"]] == ["dora"]
+    assert all(0 <= r["accuracy"] <= 1 and r["losses"] for r in results["runs"])
+    encoder = load_minilm()[1]
+    linear = sum(m.weight.numel() * 4 for m in encoder.modules() if type(m) is nn.Linear)
+    saved = {"nf4": 0.85, "int8": 0.7}[base] * linear  # at least this much less
+    assert results["data"]["base_bytes"] <= quantized_bytes(encoder) - saved
+
+
+def test_compare_refuses_an_unknown_base() -> None:
+    from weightcond.compare import Settings
+
+    settings = Settings.quick()
+    settings.base = "int4"
+    with pytest.raises(wc.UnknownNameError, match="'base' expected one of 'float', 'nf4'"):
+        settings.check()

@@ -61,11 +61,15 @@ def _table(rows: list[list[str]], header: list[str], footer: list[str] | None = 
 
 def format_summary(results: dict[str, Any]) -> str:
     """The table ``weightcond compare`` prints (also used for the README)."""
-    header = ["preset", "accuracy", "s/step", "peak MiB", "trainable", "entropy H"]
+    before = any(s.get("accuracy_before") is not None for s in results["summary"])
+    header = ["preset", *(["before"] if before else []), "accuracy", "s/step", "peak MiB",
+              "trainable", "entropy H"]
     rows = []
     for s in results["summary"]:
         spread = f" ± {100 * s['accuracy_std']:.1f}" if s["seeds"] > 1 else ""
-        rows.append([s["preset"], f"{100 * s['accuracy']:.1f}%{spread}",
+        rows.append([s["preset"],
+                     *([f"{100 * s['accuracy_before']:.1f}%"] if before else []),
+                     f"{100 * s['accuracy']:.1f}%{spread}",
                      f"{s['step_time_s']:.3f}", f"{s['peak_bytes'] / 2**20:.0f}",
                      f"{s['trainable']:,d}",
                      "-" if s["entropy"] is None else f"{s['entropy']:.2f}"])
@@ -171,9 +175,9 @@ def _created(folder: Path) -> Iterator[Path]:
 def _check_compare(args: argparse.Namespace) -> None:
     from .compare import Settings
 
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.of(args.task or "sentiment", quick=args.quick)
     for key in ("steps", "batch_size", "lr", "rank", "alpha", "max_length", "train_size",
-                "eval_size", "device", "threads"):
+                "eval_size", "device", "threads", "model", "dtype", "base"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
@@ -198,11 +202,14 @@ def _compare(args: argparse.Namespace) -> int:
             json.dumps(results, indent=1, default=_json) + "\n", encoding="utf-8")
         plots = _plots(results, folder)
     env = results["environment"]
+    data = results["data"]
     print()
     print(format_summary(results))
-    print(f"\n{results['data']['train']} training / {results['data']['held_out']} held-out "
-          f"texts; {env['device']} ({env['threads']} threads, {env['machine']}); entropy: "
-          f"mean over the {max(len(r['layers']) for r in results['runs'])} conditioned layers of "
+    print(f"\n{data['model']}; {data['train']} training / {data['held_out']} held-out "
+          f"examples; {env['device']} ({env['threads']} threads, {env['machine']}), "
+          f"{data.get('dtype', 'float32')} compute; base {data.get('base', 'float')}, "
+          f"{data['base_bytes'] / 2**20:.1f} MiB as stored; entropy: "
+          f"mean over the {max(len(r['layers']) for r in results['runs'])} layers measured, of "
           f"H = -Σ p log p, p = σ/Σσ of W' - W")
     print(f"wrote {folder / 'results.json'}, {', '.join(str(p) for p in plots)}")
     return 0
@@ -299,7 +306,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 _SCHEDULE = ("steps", "batch_size", "lr", "rank", "alpha", "max_length", "train_size",
-             "eval_size", "device", "threads")
+             "eval_size", "device", "threads", "model", "dtype", "base")
 
 
 def _check_sweep(args: argparse.Namespace) -> None:
@@ -308,7 +315,10 @@ def _check_sweep(args: argparse.Namespace) -> None:
     from .compare import Schedule
     from .sweep import QUICK_SCHEDULE, Sweep, load_space
 
-    schedule = QUICK_SCHEDULE if args.quick else Schedule()
+    if args.task not in (None, "sentiment"):  # the task's own defaults
+        schedule = Schedule.of(args.task, quick=args.quick)
+    else:
+        schedule = QUICK_SCHEDULE if args.quick else Schedule()
     schedule = dataclasses.replace(schedule, **{k: getattr(args, k) for k in _SCHEDULE
                                                 if getattr(args, k) is not None})
     output = _output_folder("sweep", Path(args.output))
@@ -519,6 +529,18 @@ def _schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-size", type=int, help="held-out texts used (default all)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:<index>")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    p.add_argument("--task", choices=("sentiment", "arithmetic"),
+                   help="sentiment (default): MiniLM on Rotten Tomatoes; arithmetic: a causal "
+                   "LM on generated arithmetic word problems (defaults: 100 steps of 16, 200 "
+                   "held-out problems; --quick: 6 steps of 8, 24 held out)")
+    p.add_argument("--model", help="the arithmetic task's causal LM: smollm2-135m (default) "
+                   "or gemma3-270m")
+    p.add_argument("--dtype", help="compute dtype: auto (default: bfloat16 autocast for "
+                   "arithmetic where the device supports it, else float32), float32 or "
+                   "bfloat16")
+    p.add_argument("--base", help="the frozen model as stored: float (default), nf4 "
+                   "(bitsandbytes 4-bit) or int8 (bitsandbytes LLM.int8()), quantized before "
+                   "conditioning; needs weightcond[quant]")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -530,13 +552,16 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
-        "compare", help="fine-tune MiniLM on Rotten Tomatoes with each preset and compare",
+        "compare", help="fine-tune MiniLM on Rotten Tomatoes (or a causal LM on arithmetic) "
+        "with each preset and compare",
         description="Fine-tune the packaged MiniLM with a linear head on the Rotten Tomatoes "
-        "snippets once per preset (same seed, data order, steps and learning rate) and "
+        "snippets (--task arithmetic: SmolLM2-135M or Gemma-3-270M on generated arithmetic "
+        "word problems) once per preset (same seed, data order, steps and learning rate) and "
         "compare held-out accuracy, time per step, peak memory, trainable parameters and the "
         "singular-value entropy of the effective update.")
     c.add_argument("--presets", help="comma-separated presets (default head,lora,dora,"
-                   "pre_diag,sora); with options, separate presets by ';': "
+                   "pre_diag,sora; for arithmetic lora,dora,pre_diag,sora,oft); with options, "
+                   "separate presets by ';': "
                    "'lora;sora:map=exp,rotation_rank=8'")
     _schedule_options(c)
     c.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 0)")

