@@ -82,32 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, dict[str, object]]] = []
     tag = f"{args.device.split(':')[0]}-{args.dtype}"
     quick = "-quick" if args.quick else ""
-    if "grid" in levels:
-        default = grid_bench.QUICK_SHAPES if args.quick else grid_bench.SHAPES
-        measured = {"environment": results["environment"],
-                    "grid": grid_bench.run(settings, shapes or default, log)}
-        measured["elapsed_s"] = time.time() - start
-        runs.append((f"{tag}-grid{quick}", measured))
-    if "quantized" in levels:
-        default = quantized_bench.QUICK_SHAPES if args.quick else quantized_bench.SHAPES
-        measured = {"environment": results["environment"],
-                    "quantized": quantized_bench.run(settings, shapes or default, log)}
-        measured["elapsed_s"] = time.time() - start
-        runs.append((f"{tag}-quantized{quick}", measured))
-    if "lm" in levels:
-        measured = {"environment": results["environment"],
-                    "lm": model_bench.run_lm(settings, log)}
-        measured["elapsed_s"] = time.time() - start
-        runs.append((f"{tag}-lm{quick}", measured))
+
+    def shapes_of(module) -> list[tuple[int, int]]:
+        return shapes or (module.QUICK_SHAPES if args.quick else module.SHAPES)
+
+    # the levels with a results file of their own: <tag>-<level>[-quick].json
+    separate = {"grid": lambda: grid_bench.run(settings, shapes_of(grid_bench), log),
+                "quantized": lambda: quantized_bench.run(settings, shapes_of(quantized_bench),
+                                                         log),
+                "lm": lambda: model_bench.run_lm(settings, log)}
+    for level, measure in separate.items():
+        if level in levels:
+            measured = {"environment": results["environment"], level: measure()}
+            measured["elapsed_s"] = time.time() - start
+            runs.append((f"{tag}-{level}{quick}", measured))
     if "layer" in levels:
-        default = layer_bench.QUICK_SHAPES if args.quick else layer_bench.SHAPES
-        results["layer"] = layer_bench.run(settings, shapes or default, log)
+        results["layer"] = layer_bench.run(settings, shapes_of(layer_bench), log)
     if "transforms" in levels:
         dims = transform_bench.QUICK_DIMS if args.quick else transform_bench.DIMS
         results["transforms"] = transform_bench.run(settings, dims, log)
     if "model" in levels:
         results["model"] = model_bench.run(settings, log)
-    if levels - {"grid", "quantized", "lm"}:
+    if levels - set(separate):
         runs.append((tag + quick, results))
     for name, measured in runs:
         measured["targets"] = report.targets(measured)
