@@ -120,7 +120,7 @@ class Schedule:
             the optimizer stay float32) or ``"auto"``: bfloat16 for ``arithmetic`` where the
             device supports it, float32 otherwise (:func:`compute_dtype`).
         base: the frozen model as stored: ``"float"``, or quantized before conditioning
-            (:data:`BASES`: ``"nf4"``, bitsandbytes NF4; ``"int8"``, bitsandbytes LLM.int8();
+            (``"nf4"``, bitsandbytes NF4; ``"int8"``, bitsandbytes LLM.int8();
             :func:`weightcond.quantized.quantize`), every linear layer but a head.
     """
 
