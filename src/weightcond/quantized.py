@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .engine.frozen import OpaqueWeight
+from .engine.frozen import OpaqueWeight, linear
 from .errors import LayerTypeError
 from .reshape import LayerKind, register_layer_kind, stored_weight
 
@@ -211,11 +211,16 @@ def _opaque_4bit(layer: nn.Module, stored: Tensor) -> OpaqueWeight:
                         _row_sq(stored, rows, out, inner))
 
 
-def _compute_4bit(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.is_floating_point():  # the dense conditioned weight (dense_forward)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    y = _opaque_4bit(layer, weight).product(x)
-    return y if bias is None else y + bias.to(y.dtype)
+def _compute_with(opaque: Callable[[nn.Module, Tensor], OpaqueWeight]
+                  ) -> Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]:
+    """A bitsandbytes kind's ``compute``: the stored quantized weight through the kind's
+    :class:`~weightcond.engine.frozen.OpaqueWeight`, or a float weight (the dense conditioned
+    one, :func:`weightcond.dense_forward`) as a plain ``F.linear``."""
+    def compute(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if weight.is_floating_point():
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear(x, opaque(layer, weight), bias)
+    return compute
 
 
 def _dense_4bit(stored: Tensor) -> Tensor:
@@ -286,11 +291,6 @@ def _opaque_8bit(layer: nn.Module, stored: Tensor) -> OpaqueWeight:
                         _row_sq(stored, rows, out, inner))
 
 
-def _compute_8bit(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.is_floating_point():
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    y = _opaque_8bit(layer, weight).product(x)
-    return y if bias is None else y + bias.to(y.dtype)
 
 
 def _dense_8bit(stored: Tensor) -> Tensor:
@@ -495,12 +495,12 @@ QUANTIZED_KINDS: dict[str, LayerKind] = {}
 for _kind in (
     LayerKind(
         name="Linear4bit", description="bitsandbytes' Linear4bit (NF4, FP4)", matches=_is_4bit,
-        to_matrix=_dense_4bit, from_matrix=lambda m, shape: m, compute=_compute_4bit,
+        to_matrix=_dense_4bit, from_matrix=lambda m, shape: m, compute=_compute_with(_opaque_4bit),
         matrix_free=True, opaque=_opaque_4bit, prepare=_prepare_4bit, family="Linear",
         dtype=lambda layer, w: w.quant_state.dtype, requantize=_requantize_4bit),  # type: ignore[attr-defined]
     LayerKind(
         name="Linear8bitLt", description="bitsandbytes' Linear8bitLt (int8)", matches=_is_8bit,
-        to_matrix=_dense_8bit, from_matrix=lambda m, shape: m, compute=_compute_8bit,
+        to_matrix=_dense_8bit, from_matrix=lambda m, shape: m, compute=_compute_with(_opaque_8bit),
         matrix_free=True, opaque=_opaque_8bit, prepare=_prepare_8bit, family="Linear",
         dtype=lambda layer, w: _dtype_8bit(layer), requantize=_requantize_8bit),
     LayerKind(
